@@ -1,0 +1,149 @@
+"""Configuration of the TTT-MLP memory (no Moshi import here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+LayerSpec = str | list[int]
+
+_EVERY_RE = re.compile(r"^every:(\d+)$")
+
+
+class TTTConfigError(ValueError):
+    """A TTT configuration value is invalid; the message names the field and the value."""
+
+
+@dataclass
+class TTTConfig:
+    """Everything that defines the TTT-MLP memory inserted into a transformer.
+
+    Attributes:
+        enable: master switch; False gives the stock model.
+        layers: which layers get a TTT block: "all", "middle" (the middle half), "none",
+            "every:K" (layers K-1, 2K-1, ...), or an explicit list of indices.
+        base_lr: inner learning rate scale; the per-token rate is
+            ``base_lr * sigmoid(x W_lr + b_lr) / head_dim``.
+        mini_batch_size: tokens per inner gradient step (TTT mini-batch).
+        persistent_states: True keeps the memory for a whole file / conversation; False resets it
+            every ``chunk_frames`` frames (in training, full-sequence and streaming alike).
+        chunk_frames: frames per training chunk; also the reset period when not persistent.
+        initial_gating_alpha: initial value of the per-channel gate ``tanh(alpha)``.
+        state_grad: how the carried state enters a new chunk's graph. "delta":
+            ``W_base + stopgrad(W_state - W_base)`` (every chunk's loss reaches the learned initial
+            weights); "detach": plain stop-gradient (only chunks right after a reset do).
+        num_heads: TTT heads; None uses the host model's number of heads.
+        qk_l2_norm: L2-normalise the inner keys and queries. Default True, as in ttt-video-dit:
+            it bounds the inner gradient (||xk|| = 1), so the inner step size does not depend on the
+            activation scale of the pretrained host model, which we do not control. ttt-lm-pytorch
+            trains from scratch and does not normalise.
+        rope: rotary embedding on inner queries/keys with the position inside the mini-batch (as
+            ttt-lm-pytorch does). Default False: the memory should be addressed by content, and
+            keys written minutes apart must match regardless of their position.
+        rope_theta: RoPE base when ``rope`` is True.
+        init_std: std of the normal init of the learned initial fast weights W1, W2.
+    """
+
+    enable: bool = True
+    layers: LayerSpec = "middle"
+    base_lr: float = 1.0
+    mini_batch_size: int = 16
+    persistent_states: bool = True
+    chunk_frames: int = 750
+    initial_gating_alpha: float = 0.1
+    state_grad: Literal["delta", "detach"] = "delta"
+    num_heads: int | None = None
+    qk_l2_norm: bool = True
+    rope: bool = False
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(name: str, msg: str) -> TTTConfigError:
+            return TTTConfigError(f"TTTConfig.{name}={getattr(self, name)!r}: {msg}")
+
+        if not isinstance(self.enable, bool):
+            raise bad("enable", "must be true or false")
+        if not isinstance(self.mini_batch_size, int) or isinstance(self.mini_batch_size, bool) \
+                or self.mini_batch_size < 1:
+            raise bad("mini_batch_size", "must be an integer >= 1")
+        if not isinstance(self.base_lr, (int, float)) or self.base_lr < 0:
+            raise bad("base_lr", "must be a number >= 0")
+        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
+            raise bad("chunk_frames", "must be an integer >= 1")
+        if not isinstance(self.initial_gating_alpha, (int, float)):
+            raise bad("initial_gating_alpha", "must be a number")
+        if self.state_grad not in ("delta", "detach"):
+            raise bad("state_grad", "must be 'delta' or 'detach'")
+        if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
+            raise bad("num_heads", "must be null or an integer >= 1")
+        if not isinstance(self.persistent_states, bool):
+            raise bad("persistent_states", "must be true or false")
+        if self.init_std < 0:
+            raise bad("init_std", "must be >= 0")
+        _check_layer_spec(self.layers)
+
+    # ------------------------------------------------------------------ helpers
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The sorted layer indices that get a TTT block in a model of ``num_layers`` layers."""
+        if not self.enable:
+            return []
+        spec = self.layers
+        if isinstance(spec, list):
+            for i in spec:
+                if not 0 <= i < num_layers:
+                    raise TTTConfigError(
+                        f"TTTConfig.layers={spec!r}: index {i} out of range for a model with "
+                        f"{num_layers} layers"
+                    )
+            return sorted(set(spec))
+        if spec == "all":
+            return list(range(num_layers))
+        if spec == "none":
+            return []
+        if spec == "middle":
+            # The middle half: for 32 layers, 8..23.
+            start = num_layers // 4
+            return list(range(start, start + max(1, num_layers // 2)))
+        m = _EVERY_RE.match(spec)
+        assert m is not None  # validated
+        k = int(m.group(1))
+        return list(range(k - 1, num_layers, k))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TTTConfig:
+        """Build from a plain dict (YAML/JSON); unknown keys are an error that names them."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TTTConfigError(f"unknown TTTConfig key(s): {unknown}; known keys: {sorted(names)}")
+        return cls(**d)
+
+
+def _check_layer_spec(spec: Any) -> None:
+    if isinstance(spec, list):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            raise TTTConfigError(f"TTTConfig.layers={spec!r}: a list must contain integers only")
+        return
+    if isinstance(spec, str):
+        if spec in ("all", "middle", "none"):
+            return
+        m = _EVERY_RE.match(spec)
+        if m and int(m.group(1)) >= 1:
+            return
+    raise TTTConfigError(
+        f"TTTConfig.layers={spec!r}: unknown layer spec; use 'all', 'middle', 'none', "
+        "'every:K' (K >= 1) or a list of layer indices"
+    )

@@ -1,0 +1,196 @@
+"""The TTT-MLP layer: projections, inner learning rate, inner norm, gate, learned initial fast
+weights. Knows nothing of Moshi: it maps ``x [B, T, dim]`` and a per-sample state to a gated
+update ``[B, T, dim]`` and the new state. The host adds the update to its residual stream.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TTTConfig
+from .ops import default_token_idx, ttt_mlp
+from .state import TTTState, carry_state, init_state, reset_state, select_state
+
+
+class TTTMLP(nn.Module):
+    """Gated TTT-MLP memory.
+
+    Args:
+        dim: model width.
+        num_heads: host heads; used when ``config.num_heads`` is None.
+        config: the TTT configuration.
+
+    Parameters (H heads of d = dim / H, F = 4 d) -- every one an ``nn.Parameter`` that forward
+    never writes:
+        wq, wk, wv, wo: Linear(dim, dim) projections;
+        lr_gate: Linear(dim, H), the inner learning rate is ``base_lr * sigmoid(.) / d``;
+        learnable_token_idx [K]: offset added to ``1/(i+1)`` (clamped >= 0);
+        ttt_norm_weight, ttt_norm_bias [H, d]: inner layer norm (prediction and target);
+        W1 [H, d, F], b1 [H, 1, F], W2 [H, F, d], b2 [H, 1, d]: learned initial fast weights;
+        post_norm: LayerNorm(dim) before ``wo``;
+        gating_alpha [dim]: per-channel gate ``tanh(alpha)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, config: TTTConfig, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.config = config
+        self.dim = dim
+        self.num_heads = config.num_heads or num_heads
+        if dim % self.num_heads:
+            raise ValueError(f"TTT: dim={dim} is not divisible by num_heads={self.num_heads}")
+        self.head_dim = dim // self.num_heads
+        if config.rope and self.head_dim % 2:
+            raise ValueError(f"TTT: rope needs an even head dim, got {self.head_dim}")
+        H, d, K = self.num_heads, self.head_dim, config.mini_batch_size
+        self.wq = nn.Linear(dim, dim, bias=False, **fk)
+        self.wk = nn.Linear(dim, dim, bias=False, **fk)
+        self.wv = nn.Linear(dim, dim, bias=False, **fk)
+        self.wo = nn.Linear(dim, dim, bias=False, **fk)
+        self.lr_gate = nn.Linear(dim, H, bias=True, **fk)
+        self.learnable_token_idx = nn.Parameter(torch.zeros(K, **fk))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, d, **fk))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, d, **fk))
+        self.W1 = nn.Parameter(torch.empty(H, d, 4 * d, **fk))
+        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * d, **fk))
+        self.W2 = nn.Parameter(torch.empty(H, 4 * d, d, **fk))
+        self.b2 = nn.Parameter(torch.zeros(H, 1, d, **fk))
+        self.post_norm = nn.LayerNorm(dim, eps=1e-6, **fk)
+        self.gating_alpha = nn.Parameter(torch.empty(dim, **fk))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise every TTT parameter; also used after meta-device construction."""
+        std = self.config.init_std
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(self.dim))
+        nn.init.normal_(self.lr_gate.weight, std=0.02)
+        nn.init.zeros_(self.lr_gate.bias)
+        nn.init.zeros_(self.learnable_token_idx)
+        nn.init.ones_(self.ttt_norm_weight)
+        nn.init.zeros_(self.ttt_norm_bias)
+        nn.init.normal_(self.W1, std=std)
+        nn.init.zeros_(self.b1)
+        nn.init.normal_(self.W2, std=std)
+        nn.init.zeros_(self.b2)
+        self.post_norm.reset_parameters()
+        nn.init.constant_(self.gating_alpha, self.config.initial_gating_alpha)
+
+    def base_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.W1, self.b1, self.W2, self.b2
+
+    def init_state(self, batch_size: int, dtype: torch.dtype | None = None) -> TTTState:
+        """A fresh memory (the learned initial weights) for ``batch_size`` samples.
+
+        ``dtype`` lets the state run in a wider type than the parameters (fp32 state, bf16 model).
+        """
+        ws = [w.to(dtype) if dtype is not None else w for w in self.base_weights()]
+        return init_state(*ws, batch_size)
+
+    def token_idx(self) -> torch.Tensor:
+        K = self.config.mini_batch_size
+        base = default_token_idx(K, device=self.learnable_token_idx.device,
+                                 dtype=self.learnable_token_idx.dtype)
+        return (base + self.learnable_token_idx).clamp_min(0.0)
+
+    def gate(self) -> torch.Tensor:
+        return torch.tanh(self.gating_alpha)
+
+    # ------------------------------------------------------------------ forward pieces
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
+
+    def _rope(self, x: torch.Tensor, pos0: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding with the position inside the mini-batch (ttt-lm-pytorch's choice)."""
+        B, H, T, d = x.shape
+        K = self.config.mini_batch_size
+        pos = (pos0.view(B, 1) + torch.arange(T, device=x.device)) % K        # [B, T]
+        inv = self.config.rope_theta ** (-torch.arange(0, d, 2, device=x.device, dtype=x.dtype) / d)
+        ang = pos.to(x.dtype).unsqueeze(-1) * inv                              # [B, T, d/2]
+        cos, sin = ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)              # [B, 1, T, d/2]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+    def project(self, x: torch.Tensor, pos0: torch.Tensor):
+        """x [B, T, dim] -> xq, xk, xv [B, H, T, d] and lr [B, H, T]."""
+        xq, xk, xv = self._heads(self.wq(x)), self._heads(self.wk(x)), self._heads(self.wv(x))
+        if self.config.qk_l2_norm:
+            xq, xk = F.normalize(xq, dim=-1), F.normalize(xk, dim=-1)
+        if self.config.rope:
+            xq, xk = self._rope(xq, pos0), self._rope(xk, pos0)
+        lr = self.config.base_lr * torch.sigmoid(self.lr_gate(x)) / self.head_dim  # [B, T, H]
+        return xq, xk, xv, lr.transpose(1, 2)
+
+    def readout(self, out: torch.Tensor) -> torch.Tensor:
+        """Inner outputs [B, H, T, d] -> gated update [B, T, dim]."""
+        B, H, T, d = out.shape
+        y = out.transpose(1, 2).reshape(B, T, H * d)
+        return self.gate() * self.wo(self.post_norm(y))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, x: torch.Tensor, state: TTTState | None = None, exec_mask: torch.Tensor | None = None,
+        impl: str = "auto",
+    ) -> tuple[torch.Tensor, TTTState]:
+        """Run the memory over ``x`` and return ``(update, new_state)``.
+
+        Args:
+            x: [B, T, dim] (the host's normalised residual stream).
+            state: the memory carried from the previous call; None starts fresh.
+            exec_mask: [B] bool; samples with False get outputs but keep ``state`` exactly.
+            impl: operator implementation, see ``ttt_mlp``.
+        Returns:
+            update [B, T, dim] to add to the residual stream, and the new state.
+        """
+        B, T, _ = x.shape
+        fresh: TTTState | None = None
+        if state is None:
+            state = fresh = self.init_state(B)
+        elif torch.is_grad_enabled():
+            # Truncated BPTT with the gradient path of DESIGN.md section 4.
+            state = carry_state(state, self.base_weights(), self.config.state_grad)
+        old = state
+        xq, xk, xv, lr = self.project(x, state.pos)
+        ln_w, ln_b, tok = self.ttt_norm_weight, self.ttt_norm_bias, self.token_idx()
+        K = self.config.mini_batch_size
+
+        if self.config.persistent_states:
+            out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
+        else:
+            # Reset every chunk_frames frames, counted since the last reset, so that full-sequence,
+            # chunked and frame-by-frame runs reset at the same frames.
+            P = self.config.chunk_frames
+            if fresh is None:
+                fresh = self.init_state(B, dtype=state.W1.dtype)
+            if T == 1:  # streaming: no host sync (CUDA graphs)
+                state = reset_state(state, fresh, state.pos >= P)
+                out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
+            else:
+                outs, t = [], 0
+                while t < T:
+                    state = reset_state(state, fresh, state.pos >= P)
+                    n = min(T - t, int((P - state.pos).min()))
+                    sl = slice(t, t + n)
+                    o, state = ttt_mlp(xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl],
+                                       ln_w, ln_b, state, K, tok, impl=impl)
+                    outs.append(o)
+                    t += n
+                out = torch.cat(outs, dim=2)
+        if exec_mask is not None:
+            state = select_state(exec_mask, state, old)
+        return self.readout(out), state
+
+    # ------------------------------------------------------------------ diagnostics
+    @torch.no_grad()
+    def state_drift(self, state: TTTState) -> torch.Tensor:
+        """``|W_state - W_base| / |W_base|`` per sample, W1 and W2 together: [B]."""
+        num = sum((s - b).flatten(1).pow(2).sum(1) for s, b in ((state.W1, self.W1), (state.W2, self.W2)))
+        den = self.W1.pow(2).sum() + self.W2.pow(2).sum()
+        return torch.sqrt(num / den.clamp_min(1e-30))

@@ -1,0 +1,295 @@
+"""The TTT-MLP operator: the functional core (DESIGN.md section 3).
+
+Public contract::
+
+    init_state(W1, b1, W2, b2, batch_size) -> TTTState
+    ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx=None)
+        -> (out, new_state)
+
+Per head, with ``LN`` a layer norm over the head dim (biased variance, eps inside the sqrt)
+followed by ``w * . + b`` and ``f_W(x) = gelu_tanh(x W1 + b1) W2 + b2``:
+
+* target ``y_j = LN(xv_j - xk_j)``; inner loss ``l_j(W) = 0.5 || LN(f_W(xk_j)) - y_j ||^2``;
+* tokens are grouped in mini-batches of ``K = mini_batch_size`` by their position since the last
+  reset (``state.pos``), never by how the sequence was split into calls;
+* in a mini-batch starting at ``W0``, token ``i`` uses
+  ``W_i = W0 - token_idx[i] * sum_{j <= i} lr_j grad l_j(W0)`` and outputs
+  ``out_i = xq_i + LN(f_{W_i}(xq_i))``; at the end of a full mini-batch the state becomes ``W_{K-1}``.
+
+Two implementations, which agree:
+* the dual (matrix) form, one inner mini-batch at a time, for sequences (training, prefill);
+* the per-token form, for streaming (one frame at a time, per-sample mini-batch offsets).
+Both are plain differentiable torch code: outer gradients reach every input and the state.
+The oracle they are tested against is ``moshi_ttt.ttt.reference`` (float64, autograd inner loop).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .state import TTTState, init_state
+
+__all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_token", "default_token_idx", "LN_EPS"]
+
+LN_EPS = 1e-6
+# Exact constant: the rounded 0.79788456 of the reference repos drifts float64 checks by 1e-9.
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+
+
+# ----------------------------------------------------------------------------- primitives
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of the tanh-approximated gelu, analytic."""
+    inner = _SQRT_2_OVER_PI * (x + _GELU_C * x.pow(3))
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x * x)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
+    """Layer norm over the last dim. x [..., H, n, d]; weight, bias [H, 1, d] (broadcast)."""
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    return weight * ((x - mu) / torch.sqrt(var + eps)) + bias
+
+
+def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float = LN_EPS) -> torch.Tensor:
+    """Gradient of ``0.5 || LN(z) - target ||^2`` with respect to ``z`` (analytic)."""
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).pow(2).mean(-1, keepdim=True)
+    std = torch.sqrt(var + eps)
+    xhat = (z - mu) / std
+    g = (weight * xhat + bias - target) * weight  # d loss / d xhat
+    return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / std
+
+
+def default_token_idx(mini_batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``1 / (i + 1)`` for i in [0, K): token i of a mini-batch averages the gradients so far."""
+    return 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=dtype)
+
+
+def _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, K: int, token_idx) -> None:
+    if xq.dim() != 4 or xq.shape != xk.shape or xq.shape != xv.shape:
+        raise ValueError(f"xq, xk, xv must be [B, H, T, d] of one shape, got "
+                         f"{tuple(xq.shape)}, {tuple(xk.shape)}, {tuple(xv.shape)}")
+    B, H, T, d = xq.shape
+    if T < 1:
+        raise ValueError("ttt_mlp needs T >= 1")
+    if tuple(lr.shape) != (B, H, T):
+        raise ValueError(f"lr must be [B, H, T] = {(B, H, T)}, got {tuple(lr.shape)}")
+    if tuple(ln_weight.shape) != (H, d) or tuple(ln_bias.shape) != (H, d):
+        raise ValueError(f"ln_weight/ln_bias must be [H, d] = {(H, d)}, got "
+                         f"{tuple(ln_weight.shape)}, {tuple(ln_bias.shape)}")
+    if state.W1.shape[:3] != (B, H, d):
+        raise ValueError(f"state.W1 must be [B, H, d, F] with (B, H, d) = {(B, H, d)}, "
+                         f"got {tuple(state.W1.shape)}")
+    if K < 1:
+        raise ValueError(f"mini_batch_size must be >= 1, got {K}")
+    if token_idx is not None and tuple(token_idx.shape) != (K,):
+        raise ValueError(f"token_idx must be [mini_batch_size] = [{K}], got {tuple(token_idx.shape)}")
+
+
+# ----------------------------------------------------------------------------- dual form
+def _dual_segment(
+    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
+    ln_w: torch.Tensor, ln_b: torch.Tensor, state: TTTState, eta: torch.Tensor, eta_last: torch.Tensor,
+    closes: bool,
+) -> tuple[torch.Tensor, TTTState]:
+    """n tokens that all lie in one inner mini-batch, for samples sharing the same offset in it.
+
+    xq, xk, xv [B, H, n, d]; lr [B, H, n]; ln_w, ln_b [H, 1, d]; eta [n] (token_idx of these
+    positions); eta_last: token_idx of the mini-batch's last position; closes: the segment ends the
+    mini-batch (the state then moves to W_{K-1} and the sums restart at zero).
+    """
+    W1, b1, W2, b2 = state.weights()
+    gW1, gb1, gW2, gb2 = state.sums()
+
+    # Inner gradients of every token's loss at the mini-batch-start weights W0.
+    z1k = xk @ W1 + b1                                   # [B, H, n, F]
+    x2k = gelu_tanh(z1k)
+    z2k = x2k @ W2 + b2                                  # [B, H, n, d]
+    target = layer_norm(xv - xk, ln_w, ln_b)             # LN(xv - xk): seed issue #2
+    gz2 = ln_l2_grad(z2k, target, ln_w, ln_b)            # [B, H, n, d]
+    gz1 = (gz2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1k)  # [B, H, n, F]
+
+    n = xq.shape[2]
+    lr_col = lr.unsqueeze(-2)                             # [B, H, 1, n]: weight of source token j
+    eta_row = eta.view(n, 1)                              # [n, 1]: scale of target token i
+    causal = torch.ones(n, n, dtype=torch.bool, device=xq.device).tril()
+
+    # Layer 1 at W_i, for every i at once (causal: token i sees j <= i).
+    a1 = torch.where(causal, (xq @ xk.transpose(-1, -2) + 1.0) * lr_col, 0.0)
+    z1q = xq @ W1 + b1 - eta_row * (xq @ gW1 + gb1 + a1 @ gz1)
+    x2q = gelu_tanh(z1q)
+    a2 = torch.where(causal, (x2q @ x2k.transpose(-1, -2) + 1.0) * lr_col, 0.0)
+    z2q = x2q @ W2 + b2 - eta_row * (x2q @ gW2 + gb2 + a2 @ gz2)
+    out = xq + layer_norm(z2q, ln_w, ln_b)
+
+    # Running sums of lr_j * grad l_j over the mini-batch so far.
+    lr_e = lr.unsqueeze(-1)
+    gz1_lr, gz2_lr = gz1 * lr_e, gz2 * lr_e
+    gW1 = gW1 + xk.transpose(-1, -2) @ gz1_lr
+    gb1 = gb1 + gz1_lr.sum(-2, keepdim=True)
+    gW2 = gW2 + x2k.transpose(-1, -2) @ gz2_lr
+    gb2 = gb2 + gz2_lr.sum(-2, keepdim=True)
+
+    pos = state.pos + n
+    if closes:
+        W1, b1 = W1 - eta_last * gW1, b1 - eta_last * gb1
+        W2, b2 = W2 - eta_last * gW2, b2 - eta_last * gb2
+        gW1, gb1, gW2, gb2 = (torch.zeros_like(t) for t in (gW1, gb1, gW2, gb2))
+    return out, TTTState(W1, b1, W2, b2, gW1, gb1, gW2, gb2, pos)
+
+
+def _dual_same_offset(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: torch.Tensor,
+                      offset: int) -> tuple[torch.Tensor, TTTState]:
+    """Dual form over T tokens for samples whose in-mini-batch offset is ``offset``."""
+    T = xq.shape[2]
+    outs = []
+    t, p = 0, offset
+    while t < T:
+        n = min(K - p, T - t)
+        sl = slice(t, t + n)
+        out, state = _dual_segment(
+            xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl], ln_w, ln_b, state,
+            token_idx[p:p + n], token_idx[K - 1], closes=(p + n == K),
+        )
+        outs.append(out)
+        t += n
+        p = (p + n) % K
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], state
+
+
+def _by_offset(fn, xq, xk, xv, lr, state: TTTState, K: int, **kw) -> tuple[torch.Tensor, TTTState]:
+    """Run ``fn`` per group of samples that share ``pos % K`` (samples reset at different times
+    have different mini-batch boundaries). One group (the usual case) costs no indexing."""
+    offsets = (state.pos % K).tolist()
+    groups: dict[int, list[int]] = {}
+    for b, o in enumerate(offsets):
+        groups.setdefault(o, []).append(b)
+    if len(groups) == 1:
+        return fn(xq, xk, xv, lr, state=state, offset=offsets[0], **kw)
+    out = torch.empty_like(xq)
+    pieces: list[tuple[torch.Tensor, TTTState]] = []
+    for o, members in groups.items():
+        idx = torch.tensor(members, device=xq.device)
+        o_out, o_state = fn(xq[idx], xk[idx], xv[idx], lr[idx], state=state.index(idx), offset=o, **kw)
+        out = out.index_copy(0, idx, o_out)
+        pieces.append((idx, o_state))
+    new = state
+    for idx, o_state in pieces:
+        new = TTTState(**{name: t.index_copy(0, idx, getattr(o_state, name)) for name, t in new.items()})
+    return out, new
+
+
+def ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+                 token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
+    """Dual (matrix) form; same contract as ``ttt_mlp``."""
+    K = mini_batch_size
+    _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
+    dt = state.W1.dtype
+    if token_idx is None:
+        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
+    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    out, new = _by_offset(
+        lambda q, k, v, r, state, offset: _dual_same_offset(q, k, v, r, ln_w, ln_b, state, K,
+                                                            token_idx.to(dt), offset),
+        xq.to(dt), xk.to(dt), xv.to(dt), lr.to(dt), state, K,
+    )
+    return out.to(xq.dtype), new
+
+
+# ----------------------------------------------------------------------------- per-token form
+def ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+                  token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
+    """Per-token form (streaming); same contract as ``ttt_mlp``.
+
+    One token per sample at a time: the gradient at the mini-batch-start weights W0 is added to
+    the running sums, the token is read out with ``W0 - token_idx[p] * sums``, and samples whose
+    mini-batch ends here move W0 forward. Each sample has its own offset ``p = pos % K``.
+    """
+    K = mini_batch_size
+    _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
+    dt = state.W1.dtype
+    if token_idx is None:
+        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
+    token_idx = token_idx.to(dt)
+    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    B, H, T, d = xq.shape
+    outs = []
+    for t in range(T):
+        out, state = _token_step(xq[:, :, t:t + 1].to(dt), xk[:, :, t:t + 1].to(dt),
+                                 xv[:, :, t:t + 1].to(dt), lr[:, :, t:t + 1].to(dt),
+                                 ln_w, ln_b, state, K, token_idx)
+        outs.append(out)
+    out = torch.cat(outs, dim=2) if T > 1 else outs[0]
+    return out.to(xq.dtype), state
+
+
+def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: torch.Tensor):
+    """One token: xq, xk, xv [B, H, 1, d], lr [B, H, 1]."""
+    W1, b1, W2, b2 = state.weights()
+    p = state.pos % K                                             # [B]
+    eta = token_idx[p].view(-1, 1, 1, 1)                          # [B, 1, 1, 1]
+    closes = (p == K - 1).view(-1, 1, 1, 1)
+
+    z1k = xk @ W1 + b1
+    x2k = gelu_tanh(z1k)
+    z2k = x2k @ W2 + b2
+    target = layer_norm(xv - xk, ln_w, ln_b)
+    gz2 = ln_l2_grad(z2k, target, ln_w, ln_b) * lr.unsqueeze(-1)
+    gz1 = ((gz2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1k))   # lr already folded into gz2
+    gW1 = state.gW1 + xk.transpose(-1, -2) @ gz1
+    gb1 = state.gb1 + gz1
+    gW2 = state.gW2 + x2k.transpose(-1, -2) @ gz2
+    gb2 = state.gb2 + gz2
+
+    W1t, b1t = W1 - eta * gW1, b1 - eta * gb1
+    W2t, b2t = W2 - eta * gW2, b2 - eta * gb2
+    z2q = gelu_tanh(xq @ W1t + b1t) @ W2t + b2t
+    out = xq + layer_norm(z2q, ln_w, ln_b)
+
+    def keep_or(new_w, old_w):
+        return torch.where(closes, new_w, old_w)
+
+    def zero_or(s):
+        return torch.where(closes, torch.zeros_like(s), s)
+
+    new = TTTState(keep_or(W1t, W1), keep_or(b1t, b1), keep_or(W2t, W2), keep_or(b2t, b2),
+                   zero_or(gW1), zero_or(gb1), zero_or(gW2), zero_or(gb2), state.pos + 1)
+    return out, new
+
+
+# ----------------------------------------------------------------------------- dispatch
+def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
+            ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
+            token_idx: torch.Tensor | None = None, *,
+            impl: Literal["auto", "dual", "token"] = "auto") -> tuple[torch.Tensor, TTTState]:
+    """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state``.
+
+    Args:
+        xq, xk, xv: [B, H, T, d] inner queries, keys, values.
+        lr: [B, H, T] per-token inner learning rate (already scaled, >= 0).
+        ln_weight, ln_bias: [H, d] inner layer-norm affine parameters.
+        state: the per-sample state (``init_state`` or a previous call's ``new_state``).
+        mini_batch_size: K, tokens per inner step.
+        token_idx: [K] step-size multipliers per mini-batch position; default ``1/(i+1)``.
+        impl: "dual" (matrix form), "token" (per-token), or "auto" (token for T == 1).
+    Returns:
+        out [B, H, T, d] (dtype of xq) and the new state; the input state is not modified.
+    """
+    if impl == "auto":
+        impl = "token" if xq.shape[2] == 1 else "dual"
+    if impl == "dual":
+        return ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
+    if impl == "token":
+        return ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
+    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual' or 'token'")
