@@ -93,6 +93,10 @@ class TTTMLP(nn.Module):
         ws = [w.to(dtype) if dtype is not None else w for w in self.base_weights()]
         return init_state(*ws, batch_size)
 
+    def reset(self, state: TTTState, mask: torch.Tensor | None = None) -> TTTState:
+        """Samples selected by ``mask`` [B] (all if None) go back to the learned initial weights."""
+        return reset_state(state, self.init_state(state.batch_size, dtype=state.W1.dtype), mask)
+
     def token_idx(self) -> torch.Tensor:
         K = self.config.mini_batch_size
         base = default_token_idx(K, device=self.learnable_token_idx.device,
@@ -108,10 +112,13 @@ class TTTMLP(nn.Module):
         return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
 
     def _rope(self, x: torch.Tensor, pos0: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding with the position inside the mini-batch (ttt-lm-pytorch's choice)."""
+        """Rotary embedding with the position inside the mini-batch (ttt-lm-pytorch's choice).
+        Positions count from the last reset, also across the resets of non-persistent mode."""
         B, H, T, d = x.shape
-        K = self.config.mini_batch_size
-        pos = (pos0.view(B, 1) + torch.arange(T, device=x.device)) % K        # [B, T]
+        pos = pos0.view(B, 1) + torch.arange(T, device=x.device)              # [B, T]
+        if not self.config.persistent_states:
+            pos = pos % self.config.chunk_frames  # pos0 <= chunk_frames: a pending reset wraps to 0
+        pos = pos % self.config.mini_batch_size
         inv = self.config.rope_theta ** (-torch.arange(0, d, 2, device=x.device, dtype=x.dtype) / d)
         ang = pos.to(x.dtype).unsqueeze(-1) * inv                              # [B, T, d/2]
         cos, sin = ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)              # [B, 1, T, d/2]

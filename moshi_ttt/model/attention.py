@@ -1,0 +1,78 @@
+"""The smallest extension of moshi's streaming attention that makes multi-frame streaming calls
+exact and trainable.
+
+moshi's ``RingKVCache`` holds exactly ``context`` entries. A streaming call of T > 1 frames writes
+T new entries first and then attends, so once the ring has wrapped the first queries of the call
+have lost up to T - 1 keys they are entitled to (DESIGN.md section 5). And under autograd the
+cache is written in place, so a chunk's backward breaks as soon as the next chunk writes.
+
+``ChunkedRingKVCache`` (a ``RingKVCache`` subclass) fixes both and nothing else:
+* its capacity is ``context + T - 1`` for the longest call seen so far (it grows, rarely, when a
+  longer call arrives; one-frame calls never allocate, so ``LMGen`` and CUDA graphs are unaffected);
+  moshi's attention mask still limits every query to ``context`` frames;
+* with autograd on, the keys/values returned for attention are an out-of-place copy in which the
+  current call's entries carry their gradient while the cached past is constant (stop-gradient,
+  truncated BPTT), so the cache can be overwritten by the next chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from moshi.modules.transformer import KVCacheResult, RingKVCache, StreamingMultiheadAttention
+
+
+class ChunkedRingKVCache(RingKVCache):
+    def __init__(self, batch_size: int, num_heads: int, dim_per_head: int, context: int,
+                 respect_exec_mask: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__(batch_size, num_heads, dim_per_head, context,
+                         respect_exec_mask=respect_exec_mask, device=device, dtype=dtype)
+        self.context = context
+
+    def _grow(self, capacity: int) -> None:
+        """Re-lay the ring for a larger capacity; entry of absolute position p sits at p % capacity."""
+        old, C = self.cache, self.capacity
+        new = torch.zeros(*old.shape[:3], capacity, old.shape[4], device=old.device, dtype=old.dtype)
+        end = self.end_offset.expand(old.shape[1]) if not self.respect_exec_mask else self.end_offset
+        for b, e in enumerate(end.tolist()):
+            pos = torch.arange(max(0, e - C), e, device=old.device)
+            new[:, b, :, pos % capacity] = old[:, b, :, pos % C]
+        self.cache, self.capacity = new, capacity
+
+    def complete(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> KVCacheResult:
+        T = k.shape[2]
+        if self.context + T - 1 > self.capacity:
+            self._grow(self.context + T - 1)
+        if not torch.is_grad_enabled():
+            return super().complete(k, v, exec_mask)
+        # Slots the call writes (same formula as moshi), taken before the offsets move.
+        idx = (torch.arange(T, device=k.device) + self.end_offset.view(-1, 1)) % self.capacity
+        res = super().complete(k.detach(), v.detach(), exec_mask)
+        B, H, _, D = k.shape
+        idx = idx.expand(B, T).view(B, 1, T, 1).expand(B, H, T, D)
+        keys = res.keys.scatter(2, idx, k)        # out of place: gradient to this call's keys only
+        values = res.values.scatter(2, idx, v)
+        return KVCacheResult(keys, values, res.positions)
+
+
+class ChunkableStreamingMHA(StreamingMultiheadAttention):
+    """moshi's attention with a ``ChunkedRingKVCache``; no new parameters or buffers."""
+
+    def _init_streaming_state(self, batch_size: int):
+        state = super()._init_streaming_state(batch_size)
+        kv = state.kv_cache
+        if kv is not None and self.context is not None and not self.weights_per_step:
+            state.kv_cache = ChunkedRingKVCache(
+                batch_size, kv.cache.shape[2], kv.cache.shape[4], self.context,
+                respect_exec_mask=kv.respect_exec_mask, device=kv.cache.device, dtype=kv.cache.dtype)
+        return state
+
+
+def make_chunkable(attn: StreamingMultiheadAttention) -> None:
+    """Give an existing moshi attention module the chunk-capable cache.
+
+    ``StreamingTransformerLayer.__init__`` builds its own ``StreamingMultiheadAttention`` and
+    offers no hook for the class; the subclass adds no state, so re-typing the instance is exact.
+    """
+    if type(attn) is StreamingMultiheadAttention:
+        attn.__class__ = ChunkableStreamingMHA

@@ -1,0 +1,125 @@
+"""Hybrid transformer layer for moshi: attention, then gated TTT memory, then feed-forward.
+
+``TTTHybridLayer`` is injected into moshi's temporal transformer through ``lm_kwargs["layer_class"]``
+so that ``LMModel``, ``LMGen``, streaming, LoRA and activation checkpointing keep working. Layers
+that get a memory carry a ``TTTBlock``; the others behave exactly like moshi's layer (apart from
+the chunk-capable KV cache, see ``attention.py``).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from moshi.modules.streaming import State, StreamingModule
+from moshi.modules.transformer import StreamingTransformerLayer, create_norm_fn
+from moshi.utils.compile import no_compile
+
+from ..ttt.config import TTTConfig
+from ..ttt.layer import TTTMLP
+from ..ttt.state import TTTState, select_state
+from .attention import make_chunkable
+
+
+@dataclass
+class TTTBlockState(State):
+    """Streaming state of one TTT block: the per-sample memory.
+
+    ``memory`` tensors keep their addresses across no-grad steps (copied into in place), which
+    ``LMGen``'s CUDA graphs need; with autograd on, each step replaces them functionally.
+    """
+
+    block: TTTBlock | None = field(default=None, repr=False)
+    memory: TTTState | None = None
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        assert self.block is not None and self.memory is not None
+        with torch.no_grad():
+            fresh = self.block.fresh_memory(self.batch_size)
+            new = select_state(reset_mask, fresh, self.memory)
+            self.block.store_memory(self, new)
+
+
+class TTTBlock(StreamingModule[TTTBlockState]):
+    """Pre-norm + ``TTTMLP``; returns ``x + tanh(alpha) * TTT(norm(x))``."""
+
+    def __init__(self, d_model: int, num_heads: int, norm: str, config: TTTConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.norm = create_norm_fn(norm, d_model, device=device, dtype=dtype)
+        self.layer = TTTMLP(d_model, num_heads, config, device=device, dtype=dtype)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        # Fast weights accumulate many small updates: keep them in float32 under bf16/fp16 models.
+        dt = self.layer.W1.dtype
+        return torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+
+    def fresh_memory(self, batch_size: int) -> TTTState:
+        return self.layer.init_state(batch_size, dtype=self.state_dtype)
+
+    def _init_streaming_state(self, batch_size: int) -> TTTBlockState:
+        with torch.no_grad():
+            memory = self.fresh_memory(batch_size)
+        return TTTBlockState(batch_size, self.layer.W1.device, block=self, memory=memory)
+
+    @staticmethod
+    def store_memory(state: TTTBlockState, new: TTTState) -> None:
+        mem = state.memory
+        if torch.is_grad_enabled() or mem is None or mem.W1.requires_grad or new.W1.requires_grad:
+            state.memory = new
+        else:
+            mem.copy_(new)  # stable addresses for CUDA graphs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]."""
+        state = self._streaming_state
+        h = self.norm(x)
+        if state is None:
+            update, _ = self.layer(h)
+        else:
+            update, new = self.layer(h, state.memory, exec_mask=state.exec_mask)
+            self.store_memory(state, new)
+        return x + update.to(x.dtype)
+
+
+class TTTHybridLayer(StreamingTransformerLayer):
+    """moshi's ``StreamingTransformerLayer`` with an optional TTT block between attention and
+    feed-forward. Built by moshi with the usual kwargs; ``attach_ttt`` adds the memory."""
+
+    def __init__(self, d_model: int, num_heads: int, *args, **kwargs):
+        super().__init__(d_model, num_heads, *args, **kwargs)
+        self._d_model, self._num_heads = d_model, num_heads
+        self._norm_type: str = kwargs.get("norm", "layer_norm")
+        if not self.skip_self_attn:
+            make_chunkable(self.self_attn)
+        self.ttt: TTTBlock | None = None
+
+    def attach_ttt(self, config: TTTConfig) -> TTTBlock:
+        """Add a TTT block (must happen before the first ``.streaming()`` call of the model)."""
+        # Device/dtype of the layer's linears (moshi's f32 norms may differ from the model dtype).
+        weight = next(p for n, p in self.named_parameters() if "norm" not in n)
+        self.ttt = TTTBlock(self._d_model, self._num_heads, self._norm_type, config,
+                            device=weight.device, dtype=weight.dtype)
+        return self.ttt
+
+    def forward(self, x: torch.Tensor, cross_attention_src: torch.Tensor | None = None):
+        # Same sequence as moshi's layer, with the TTT block inserted before the feed-forward.
+        with ExitStack() as stack:
+            if x.device.type != "cuda":
+                stack.enter_context(no_compile())
+            x = self._sa_block(x)
+            if self.cross_attention is not None:
+                assert cross_attention_src is not None
+                x = self._cross_attention_block(x, cross_attention_src)
+            else:
+                assert cross_attention_src is None
+            if self.ttt is not None:
+                x = self.ttt(x)
+            x = self._ff_block(x)
+            state = self._streaming_state
+            if state:
+                state.offset_cpu += x.shape[1]
+            return x

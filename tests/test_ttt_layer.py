@@ -1,0 +1,207 @@
+"""The TTT-MLP layer: state semantics (DESIGN.md section 4), gradients, in-context learning."""
+
+import pytest
+import torch
+
+from moshi_ttt.ttt import TTTMLP, TTTConfig, TTTConfigError
+from moshi_ttt.ttt.demo import DemoConfig, run_demo
+from moshi_ttt.ttt.state import load_states, save_states, state_from_tensors
+
+D = torch.float64
+
+
+def make_layer(**cfg):
+    cfg = {"mini_batch_size": 4, "init_std": 0.2, "base_lr": 4.0, **cfg}
+    layer = TTTMLP(16, 4, TTTConfig(**cfg), dtype=D)
+    with torch.no_grad():  # non-trivial values everywhere, so that every path is exercised
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return layer
+
+
+def run_chunks(layer, x, sizes, state=None, **kw):
+    outs, s = [], 0
+    for n in sizes:
+        o, state = layer(x[:, s:s + n], state, **kw)
+        outs.append(o)
+        s += n
+    return torch.cat(outs, 1), state
+
+
+def states_equal(a, b):
+    return all(torch.equal(t, getattr(b, n)) for n, t in a.items())
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("rope", [False, True])
+def test_full_chunked_and_frame_by_frame_agree(persistent, rope):
+    layer = make_layer(persistent_states=persistent, chunk_frames=6, rope=rope)
+    x = torch.randn(2, 20, 16, dtype=D)
+    full, st_full = layer(x)
+    chunked, st_c = run_chunks(layer, x, (7, 5, 1, 7))
+    frames, st_f = run_chunks(layer, x, [1] * 20)
+    assert (chunked - full).abs().max() < 1e-10 and (frames - full).abs().max() < 1e-10
+    for st in (st_c, st_f):
+        assert all((t - getattr(st_full, n)).abs().max() < 1e-10 for n, t in st.items())
+
+
+def test_non_persistent_resets_every_chunk():
+    """persistent_states=False equals running each chunk_frames segment from a fresh memory."""
+    layer = make_layer(persistent_states=False, chunk_frames=6)
+    x = torch.randn(2, 18, 16, dtype=D)
+    full, _ = layer(x)
+    manual = torch.cat([layer(x[:, s:s + 6])[0] for s in range(0, 18, 6)], 1)
+    assert (full - manual).abs().max() < 1e-12
+    persistent = make_layer(persistent_states=True, chunk_frames=6)
+    persistent.load_state_dict(layer.state_dict())
+    assert (persistent(x)[0][:, 6:] - full[:, 6:]).abs().max() > 1e-6  # the memory did matter
+
+
+def test_batch_samples_are_independent():
+    layer = make_layer()
+    x = torch.randn(3, 9, 16, dtype=D)
+    out, st = layer(x)
+    for b in range(3):
+        o1, s1 = layer(x[b:b + 1])
+        assert (out[b:b + 1] - o1).abs().max() < 1e-12
+        assert all((t[b:b + 1] - getattr(s1, n)).abs().max() < 1e-12 for n, t in st.items())
+
+
+def test_reset_mask_resets_only_selected_samples():
+    layer = make_layer()
+    x = torch.randn(3, 10, 16, dtype=D)
+    _, st = layer(x)
+    st2 = layer.reset(st, torch.tensor([False, True, False]))
+    fresh = layer.init_state(3)
+    for n, t in st2.items():
+        assert torch.equal(t[1], getattr(fresh, n)[1])
+        assert torch.equal(t[0], getattr(st, n)[0]) and torch.equal(t[2], getattr(st, n)[2])
+    # A reset sample continues exactly like a fresh stream.
+    y = torch.randn(3, 5, 16, dtype=D)
+    out, _ = layer(y, st2)
+    out_fresh, _ = layer(y[1:2])
+    assert (out[1:2] - out_fresh).abs().max() < 1e-12
+
+
+def test_exec_mask_keeps_state_bit_for_bit():
+    layer = make_layer()
+    x = torch.randn(2, 6, 16, dtype=D)
+    _, st = layer(x)
+    for n in (1, 3):  # per-token and dual paths
+        _, st2 = layer(torch.randn(2, n, 16, dtype=D), st, exec_mask=torch.tensor([True, False]))
+        for name, t in st2.items():
+            assert torch.equal(t[1], getattr(st, name)[1])
+        assert not torch.equal(st2.gb2[0], st.gb2[0])  # the executing sample did move
+        assert st2.pos.tolist() == [6 + n, 6]
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_never_writes_parameters(persistent, train):
+    layer = make_layer(persistent_states=persistent, chunk_frames=4)
+    layer.train(train)
+    snap = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = None
+    for n in (5, 1, 7):
+        _, state = layer(torch.randn(2, n, 16, dtype=D), state)
+    with torch.no_grad():
+        layer(torch.randn(2, 3, 16, dtype=D), state)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+
+
+def _third_chunk_grads(mode):
+    torch.manual_seed(0)
+    layer = make_layer(state_grad=mode)
+    x = torch.randn(2, 18, 16, dtype=D)
+    _, st = layer(x[:, :6])
+    _, st = layer(x[:, 6:12], st)
+    out, _ = layer(x[:, 12:], st)
+    layer.zero_grad()
+    out.pow(2).sum().backward()
+    return out.detach(), {n: p.grad for n, p in layer.named_parameters()}
+
+
+def test_state_grad_delta_reaches_initial_weights_from_every_chunk():
+    out_delta, g_delta = _third_chunk_grads("delta")
+    out_detach, g_detach = _third_chunk_grads("detach")
+    assert torch.equal(out_delta, out_detach)  # the forward values are identical
+    for name in ("W1", "b1", "W2", "b2"):
+        assert g_delta[name] is not None and g_delta[name].abs().max() > 0, name
+        assert g_detach[name] is None or g_detach[name].abs().max() == 0, name
+    # The projections get gradients either way.
+    assert g_detach["wq.weight"].abs().max() > 0
+
+
+def test_state_grad_delta_is_identity_through_the_past():
+    """Under 'delta' the carried state's value is exactly the state, and d/d W_base of anything
+    computed from it equals d/d W_state (summed over the batch): an identity Jacobian."""
+    from moshi_ttt.ttt.state import carry_state
+
+    layer = make_layer(state_grad="delta")
+    _, st = layer(torch.randn(2, 6, 16, dtype=D))
+    carried = carry_state(st, layer.base_weights(), "delta")
+    assert all(torch.equal(t, getattr(st, n)) for n, t in carried.items())
+    r = torch.randn_like(st.W1)
+    (g,) = torch.autograd.grad((carried.W1 * r).sum(), layer.W1)
+    assert torch.equal(g, r.sum(0))
+    assert carry_state(st, layer.base_weights(), "detach").W1.grad_fn is None
+
+
+def test_layer_learns_in_context():
+    result = run_demo(DemoConfig(rounds=6))
+    rounds = result["per_round"]
+    assert rounds[-1] < 0.35 * rounds[0]
+    assert all(b < a for a, b in zip(rounds[:4], rounds[1:5]))  # falls round after round at first
+
+
+def test_gradcheck_whole_layer():
+    layer = TTTMLP(8, 2, TTTConfig(mini_batch_size=2, init_std=0.3, base_lr=2.0), dtype=D)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
+    x = torch.randn(2, 5, 8, dtype=D, requires_grad=True)
+
+    def f(x, *ps):
+        out, st = torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+        return out, st.W1, st.gb2
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_state_save_load_roundtrip(tmp_path):
+    layer = make_layer()
+    x = torch.randn(2, 7, 16, dtype=D)
+    _, st = layer(x)
+    save_states(tmp_path / "m.safetensors", {"layer0": st}, {"note": "test"})
+    grouped, meta = load_states(tmp_path / "m.safetensors")
+    st2 = state_from_tensors(grouped["layer0"], like=layer.init_state(2))
+    assert meta == {"note": "test"} and states_equal(st, st2)
+    y = torch.randn(2, 5, 16, dtype=D)
+    assert torch.equal(layer(y, st)[0], layer(y, st2)[0])
+    with pytest.raises(ValueError, match="W1"):
+        state_from_tensors(grouped["layer0"], like=layer.init_state(3))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"mini_batch_size": 0}, "mini_batch_size"),
+    ({"layers": "odd"}, "unknown layer spec"),
+    ({"layers": "every:0"}, "unknown layer spec"),
+    ({"base_lr": -1.0}, "base_lr"),
+    ({"state_grad": "full"}, "state_grad"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(TTTConfigError, match=match):
+        TTTConfig(**kw)
+
+
+def test_layer_specs_resolve():
+    assert TTTConfig(layers="middle").resolve_layers(32) == list(range(8, 24))
+    assert TTTConfig(layers="all").resolve_layers(4) == [0, 1, 2, 3]
+    assert TTTConfig(layers="none").resolve_layers(4) == []
+    assert TTTConfig(layers="every:2").resolve_layers(6) == [1, 3, 5]
+    assert TTTConfig(layers=[3, 1]).resolve_layers(4) == [1, 3]
+    assert TTTConfig(enable=False).resolve_layers(4) == []
+    with pytest.raises(TTTConfigError, match="out of range"):
+        TTTConfig(layers=[4]).resolve_layers(4)
+    with pytest.raises(TTTConfigError, match="unknown TTTConfig key"):
+        TTTConfig.from_dict({"mini_batch": 3})
