@@ -153,3 +153,35 @@ def test_stream_restored_in_new_process_continues_exactly(tmp_path):
     with model.streaming(2):  # and without restoring, the continuation differs
         fresh = torch.cat([model.forward_text(seq[..., t:t + 1])[0] for t in range(25, 40)], 1)
     assert (fresh - expected).abs().max() > 1e-3
+
+
+def test_legacy_checkpoint_migration():
+    from moshi_ttt.model.migrate import migrate_legacy_state_dict
+
+    model = tiny_ttt_model(layers=[1, 2])
+    ours = model.state_dict()
+    H, d = 4, 16
+    p = "transformer.layers.{}.hybrid.ttt_layer."
+    legacy = {k: v.clone() for k, v in ours.items() if ".ttt." not in k}  # base keys
+    W1 = torch.randn(H, d, 4 * d, dtype=torch.float64)
+    legacy.update({
+        p.format(1) + "W1": W1, p.format(1) + "b1": torch.randn(H, 1, 4 * d, dtype=torch.float64),
+        p.format(1) + "W2_base": torch.randn(H, 4 * d, d, dtype=torch.float64),
+        p.format(1) + "W2": torch.randn(H, 4 * d, d, dtype=torch.float64),          # loses to W2_base
+        p.format(1) + "W1_state": torch.randn(H, d, 4 * d, dtype=torch.float64),    # runtime buffer
+        p.format(1) + "learnable_ttt_lr_weight": torch.randn(H, 1, 64, dtype=torch.float64),
+        p.format(2) + "W1": torch.randn(H, d, 8, dtype=torch.float64),              # wrong shape
+        p.format(3) + "b2": torch.randn(H, 1, d, dtype=torch.float64),              # no TTT there
+        p.format(1) + "mystery_param": torch.randn(3, dtype=torch.float64),
+    })
+    new, rep = migrate_legacy_state_dict(legacy, target=ours)
+    assert torch.equal(new["transformer.layers.1.ttt.layer.W1"], W1)
+    assert torch.equal(new["transformer.layers.1.ttt.layer.W2"], legacy[p.format(1) + "W2_base"])
+    assert new["transformer.layers.1.ttt.layer.lr_gate.weight"].shape == (H, 64)
+    assert rep.dropped == [p.format(1) + "W1_state"]
+    assert set(rep.left) == {p.format(1) + "W2", p.format(2) + "W1", p.format(3) + "b2",
+                             p.format(1) + "mystery_param"}
+    assert rep.passthrough == len([k for k in ours if ".ttt." not in k])
+    result = model.load_state_dict(new, strict=False)
+    assert not result.unexpected_keys
+    assert "mapped" in rep.summary() and "left" in rep.summary()
