@@ -1,0 +1,240 @@
+"""Whole-model benchmark: stock moshi vs moshi-ttt, measured side by side in one process.
+
+For the same config, input length and batch:
+* training forward+backward time (all parameters trainable, as moshi-finetune's full fine-tune)
+  and peak memory, and training tokens/s;
+* ``LMGen.step`` latency at the given batch sizes.
+Results are printed as a table with ratios (TTT / stock) and written as JSON. On CPU the tiny
+preset runs (seconds); with CUDA the 7B config runs at bf16 with random weights. Absolute times
+only mean something on the GPU named in the output.
+
+    python -m moshi_ttt.bench.model            # or: moshi-ttt bench model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.build import build_lm, moshi_7b_lm_kwargs, tiny_lm_kwargs
+from ..model.loss import lm_loss
+from ..ttt.config import TTTConfig
+
+
+@dataclass
+class ModelBenchConfig:
+    preset: str = "auto"            # "tiny", "7b" or "auto" (7b with CUDA, tiny without)
+    seq_len: int | None = None      # frames; default 3000 (7b) / 256 (tiny)
+    batch: int = 1
+    ttt_layers: str = "middle"
+    mini_batch_size: int = 16
+    train_iters: int = 5
+    warmup: int = 2
+    gen_batches: list[int] = field(default_factory=lambda: [1, 8])
+    gen_steps: int = 50
+    dtype: str = "auto"             # bf16 on CUDA, fp32 on CPU
+    skip_train: bool = False
+    skip_gen: bool = False
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+
+
+class Timer:
+    """Wall time on CPU, CUDA events on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / 1000.0
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _codes(model, B: int, T: int, device) -> torch.Tensor:
+    text = torch.randint(0, model.text_card, (B, 1, T), device=device)
+    audio = torch.randint(0, model.card, (B, model.num_codebooks - 1, T), device=device)
+    return torch.cat([text, audio], 1)
+
+
+def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
+    model.train()
+    codes = _codes(model, cfg.batch, T, device)
+    timer = Timer(device)
+
+    def step():
+        out = model(codes)
+        lm_loss(out, codes).total.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(cfg.warmup):
+        step()
+    _peak_reset(device)
+    times = [timer(step) for _ in range(cfg.train_iters)]
+    t = statistics.median(times)
+    return {"fwd_bwd_s": t, "tokens_per_s": cfg.batch * T / t, "peak_gib": _peak_gib(device)}
+
+
+def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
+    from moshi.models import LMGen
+
+    model.eval()
+    gen = LMGen(model, temp=0.8, temp_text=0.7)
+    n_user = model.num_codebooks - 1 - model.dep_q
+    timer = Timer(device)
+    with torch.no_grad(), gen.streaming(B):
+        user = torch.randint(0, model.card, (B, n_user, 1), device=device)
+        for _ in range(max(cfg.warmup, 4)):  # the first steps capture CUDA graphs
+            gen.step(user)
+        times = [timer(lambda: gen.step(user)) for _ in range(cfg.gen_steps)]
+    return {"step_ms": 1000 * statistics.median(times), "step_ms_p90": 1000 * sorted(times)[int(0.9 * len(times))]}
+
+
+def run(cfg: ModelBenchConfig) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = cfg.preset if cfg.preset != "auto" else ("7b" if device.type == "cuda" else "tiny")
+    lm_kwargs = moshi_7b_lm_kwargs() if preset == "7b" else tiny_lm_kwargs()
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+    T = cfg.seq_len or (3000 if preset == "7b" else 256)
+    arms = {"stock": TTTConfig(layers="none"),
+            "ttt": TTTConfig(layers=cfg.ttt_layers, mini_batch_size=cfg.mini_batch_size)}
+    results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
+                               "seq_len": T, "config": asdict(cfg), "arms": {}}
+    for arm, tcfg in arms.items():
+        torch.manual_seed(0)
+        model = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
+        r: dict[str, Any] = {"ttt_layers": model.ttt_layers,
+                             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        if not cfg.skip_train:
+            r["train"] = bench_train(model, cfg, T, device)
+        if not cfg.skip_gen:
+            r["gen"] = {str(B): bench_gen(model, B, cfg, device) for B in cfg.gen_batches}
+        results["arms"][arm] = r
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results["ratios"] = _ratios(results["arms"])
+    return results
+
+
+def _ratios(arms: dict[str, Any]) -> dict[str, float]:
+    s, t = arms["stock"], arms["ttt"]
+    out = {}
+    if "train" in s:
+        out["train_fwd_bwd_time"] = t["train"]["fwd_bwd_s"] / s["train"]["fwd_bwd_s"]
+        if s["train"]["peak_gib"]:
+            out["train_peak_memory"] = t["train"]["peak_gib"] / s["train"]["peak_gib"]
+    for B in s.get("gen", {}):
+        out[f"lmgen_step_B{B}"] = t["gen"][B]["step_ms"] / s["gen"][B]["step_ms"]
+    return out
+
+
+def format_table(res: dict[str, Any]) -> str:
+    s, t = res["arms"]["stock"], res["arms"]["ttt"]
+    rows = [f"moshi-ttt model benchmark on {res['device']}",
+            f"preset {res['preset']}, {res['dtype']}, T={res['seq_len']} frames, "
+            f"TTT in layers {t['ttt_layers']}",
+            f"{'measure':34s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
+
+    def row(name, a, b, fmt="{:.4g}"):
+        ratio = f"{b / a:8.2f}x" if a and b else "      n/a"
+        rows.append(f"{name:34s}{fmt.format(a) if a is not None else 'n/a':>12s}"
+                    f"{fmt.format(b) if b is not None else 'n/a':>12s}{ratio}")
+
+    row("parameters (M)", s["params_m"], t["params_m"])
+    if "train" in s:
+        row("train fwd+bwd (s)", s["train"]["fwd_bwd_s"], t["train"]["fwd_bwd_s"])
+        row("train tokens/s", s["train"]["tokens_per_s"], t["train"]["tokens_per_s"])
+        row("train peak memory (GiB)", s["train"]["peak_gib"], t["train"]["peak_gib"])
+    for B in s.get("gen", {}):
+        row(f"LMGen.step B={B} (ms, median)", s["gen"][B]["step_ms"], t["gen"][B]["step_ms"])
+    if res["device"].startswith("CPU"):
+        rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
+    return "\n".join(rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["auto", "tiny", "7b"], default="auto")
+    p.add_argument("--seq-len", type=int, default=None, help="frames per training sequence")
+    p.add_argument("--batch", type=int, default=1, help="training batch size")
+    p.add_argument("--ttt-layers", default="middle", help="'middle', 'all', 'every:K' or '3,5,7'")
+    p.add_argument("--iters", type=int, default=5, help="timed training iterations")
+    p.add_argument("--gen-steps", type=int, default=50, help="timed LMGen steps per batch size")
+    p.add_argument("--gen-batches", default="1,8", help="LMGen batch sizes, comma separated")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-gen", action="store_true")
+    p.add_argument("--out", default=None, help="write the JSON results here")
+
+
+def from_args(args: argparse.Namespace) -> ModelBenchConfig:
+    layers: Any = args.ttt_layers
+    if "," in layers or layers.isdigit():
+        layers = [int(x) for x in layers.split(",")]
+    return ModelBenchConfig(preset=args.preset, seq_len=args.seq_len, batch=args.batch, ttt_layers=layers,
+                            train_iters=args.iters, gen_steps=args.gen_steps,
+                            gen_batches=[int(b) for b in args.gen_batches.split(",")], dtype=args.dtype,
+                            skip_train=args.skip_train, skip_gen=args.skip_gen)
+
+
+def main_args(args: argparse.Namespace) -> int:
+    res = run(from_args(args))
+    print(format_table(res))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    p = argparse.ArgumentParser(prog="python -m moshi_ttt.bench.model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return main_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
