@@ -15,6 +15,7 @@ import sys
 # Modules that provide commands, in the order they appear in --help.
 COMMAND_MODULES = (
     "moshi_ttt.ttt.demo",
+    "moshi_ttt.model.generate",
     "moshi_ttt.bench.commands",
 )
 

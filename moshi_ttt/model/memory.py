@@ -109,6 +109,7 @@ def save_stream(module: StreamingModule, path: str | Path) -> None:
             _flatten(getattr(state, f, None), f"{name}:{f}", tensors, scalars)
     meta = {"format": "moshi-ttt-stream", "scalars": json.dumps(scalars), **_safe_meta(module)}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)

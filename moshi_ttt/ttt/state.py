@@ -174,6 +174,7 @@ def save_states(path: str | Path, states: dict[str, TTTState], meta: dict[str, A
     header = {"format": "moshi-ttt-state", "version": str(STATE_FORMAT_VERSION),
               "names": json.dumps(sorted(states)), "meta": json.dumps(meta, sort_keys=True)}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)  # atomic: a crash never leaves a half-written memory file
