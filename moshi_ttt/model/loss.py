@@ -1,8 +1,8 @@
 """The language-model objective (moshi-finetune's loss), with per-token terms for evaluation.
 
-Positions that moshi marks invalid (delays, codes equal to ``zero_token_id`` = -1, which is also
-the padding value of partial chunks) are excluded. Text padding tokens are down-weighted; the
-first audio codebook (semantic) can be up-weighted.
+Positions that are not valid targets are excluded: moshi's delay positions, codes equal to
+``zero_token_id`` (-1, also the padding of partial chunks and inactive lanes). Text padding
+tokens are down-weighted; the first audio codebook (semantic) can be weighted differently.
 """
 
 from __future__ import annotations
@@ -24,55 +24,65 @@ class LossConfig:
 
 @dataclass
 class TokenLosses:
-    """Per-token cross-entropy (nats) and validity masks.
+    """Per-token cross-entropy (nats), targets and validity masks; invalid positions hold 0.
 
-    text [B, T], text_mask [B, T]; audio [B, dep_q, T], audio_mask [B, dep_q, T].
-    Invalid positions hold 0.
+    text [B, T], text_target [B, T], text_mask [B, T];
+    audio [B, Q, T], audio_target [B, Q, T], audio_mask [B, Q, T] (Q = dep_q generated codebooks).
     """
 
     text: torch.Tensor
+    text_target: torch.Tensor
     text_mask: torch.Tensor
     audio: torch.Tensor
+    audio_target: torch.Tensor
     audio_mask: torch.Tensor
 
 
-def token_losses(out: LMOutput, codes: torch.Tensor, audio_offset: int = 1,
-                 valid: torch.Tensor | None = None) -> TokenLosses:
-    """codes [B, K, T] (the model's input codes); valid [B, T] optionally restricts positions."""
+def _ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = torch.where(mask[..., None], logits, torch.zeros_like(logits))  # moshi fills NaN outside
+    target = torch.where(mask, target, torch.zeros_like(target))  # masked ids may be -1 or initial tokens
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="none")
+    return loss.view(target.shape) * mask
+
+
+def token_losses(text_logits: torch.Tensor, text_target: torch.Tensor, text_mask: torch.Tensor,
+                 audio_logits: torch.Tensor, audio_target: torch.Tensor, audio_mask: torch.Tensor) -> TokenLosses:
+    """text_logits [B, T, Vt], audio_logits [B, Q, T, V]; targets and masks as in ``TokenLosses``."""
+    text_mask = text_mask & (text_target >= 0)
+    audio_mask = audio_mask & (audio_target >= 0)
+    return TokenLosses(_ce(text_logits, text_target, text_mask), text_target, text_mask,
+                       _ce(audio_logits, audio_target, audio_mask), audio_target, audio_mask)
+
+
+def token_losses_from_output(out: LMOutput, codes: torch.Tensor, audio_offset: int = 1) -> TokenLosses:
+    """For moshi's own ``LMModel.forward(codes)`` (full sequence); codes [B, K, T]."""
     dep_q = out.logits.shape[1]
-    text_t = codes[:, 0]
-    audio_t = codes[:, audio_offset:audio_offset + dep_q]
-    text_mask = out.text_mask[:, 0].clone()
-    audio_mask = out.mask.clone()
-    if valid is not None:
-        text_mask &= valid
-        audio_mask &= valid[:, None]
-
-    def ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = torch.where(mask[..., None], logits, torch.zeros_like(logits))  # NaN outside the mask
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), target.clamp_min(0).flatten(), reduction="none")
-        return loss.view(target.shape) * mask
-
-    return TokenLosses(ce(out.text_logits[:, 0], text_t, text_mask), text_mask,
-                       ce(out.logits, audio_t, audio_mask), audio_mask)
+    return token_losses(out.text_logits[:, 0], codes[:, 0], out.text_mask[:, 0],
+                        out.logits, codes[:, audio_offset:audio_offset + dep_q], out.mask)
 
 
 @dataclass
 class LossTerms:
-    total: torch.Tensor
-    text: torch.Tensor
-    audio: torch.Tensor
+    total: torch.Tensor   # the weighted objective (differentiable)
+    text: torch.Tensor    # weighted text CE (detached)
+    audio: torch.Tensor   # weighted audio CE (detached)
+    weight: torch.Tensor  # total text + audio weight, to combine chunks/ranks exactly
 
 
-def lm_loss(out: LMOutput, codes: torch.Tensor, cfg: LossConfig | None = None,
-            valid: torch.Tensor | None = None, text_padding_id: int = 3) -> LossTerms:
-    """Weighted mean cross-entropy: ``text_weight * text + audio_weight * audio``."""
+def weighted_loss(tl: TokenLosses, cfg: LossConfig | None = None, text_padding_id: int = 3) -> LossTerms:
+    """``text_weight * text + audio_weight * audio``, each a weighted mean over valid tokens."""
     cfg = cfg or LossConfig()
-    tl = token_losses(out, codes, valid=valid)
-    tw = torch.where(codes[:, 0] == text_padding_id, cfg.text_padding_weight, 1.0).to(tl.text) * tl.text_mask
+    tw = torch.where(tl.text_target == text_padding_id, cfg.text_padding_weight, 1.0).to(tl.text) * tl.text_mask
     aw = torch.ones_like(tl.audio)
     aw[:, 0] = cfg.first_codebook_weight
     aw = aw * tl.audio_mask
     text = (tl.text * tw).sum() / tw.sum().clamp_min(1e-8)
     audio = (tl.audio * aw).sum() / aw.sum().clamp_min(1e-8)
-    return LossTerms(cfg.text_weight * text + cfg.audio_weight * audio, text.detach(), audio.detach())
+    return LossTerms(cfg.text_weight * text + cfg.audio_weight * audio, text.detach(), audio.detach(),
+                     (tw.sum() + aw.sum()).detach())
+
+
+def lm_loss(out: LMOutput, codes: torch.Tensor, cfg: LossConfig | None = None,
+            text_padding_id: int = 3) -> LossTerms:
+    """The objective of moshi's full-sequence forward (benchmarks, references)."""
+    return weighted_loss(token_losses_from_output(out, codes), cfg, text_padding_id)

@@ -1,0 +1,123 @@
+"""The training/evaluation path: one ``LMModel`` over consecutive chunks of B parallel streams.
+
+Each lane of the batch walks one file chunk after chunk. The model runs inside moshi's own
+streaming mode, so attention keys/values of the last ``context`` frames and the TTT memory are
+carried from chunk to chunk (stop-gradient for keys/values, DESIGN.md section 4 for the memory),
+and ``reset`` puts a lane back to the start of a file (moshi's ``reset_streaming(mask)``).
+
+moshi's ``LMModel.forward`` delays the codebooks (``delays``) and prepends an initial token *per
+call*, which would be wrong for every chunk but a file's first. We work in moshi's delayed domain
+instead: position ``p`` of the delayed sequence holds frame ``p - 1 - delay_k`` of codebook ``k``
+as input and predicts frame ``p - delay_k``. Chunk ``[s, e)`` of positions needs raw frames from
+``s - 1 - max_delay``, so each lane keeps the last ``max_delay + 1`` frames of the previous chunk.
+Every token of a file is predicted exactly once over its chunks, and the token losses equal
+those of moshi's full-sequence forward on the whole file (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from moshi.models.lm import LMModel
+
+from .loss import TokenLosses, token_losses
+
+
+@dataclass
+class ChunkOutput:
+    """Token losses of one chunk (delayed domain, ``C`` positions) and where their targets lie.
+
+    losses: per-token CE and masks, text [B, C], audio [B, dep_q, C].
+    target_frame: [1 + dep_q, C] frame index of each target relative to the chunk start
+        (``j - delay_k``; negative = the last frames of the previous chunk).
+    """
+
+    losses: TokenLosses
+    target_frame: torch.Tensor
+
+
+class ChunkedLM:
+    """Run ``model`` over consecutive chunks of ``batch_size`` lanes. Use as a context manager::
+
+        with ChunkedLM(model, B) as runner:
+            for batch in stream:
+                out = runner.step(batch.codes, batch.reset)
+    """
+
+    def __init__(self, model: LMModel, batch_size: int):
+        self.model = model
+        self.batch_size = batch_size
+        self.delays = torch.tensor(model.delays, dtype=torch.long)
+        self.tail_len = int(self.delays.max()) + 1
+        self._stack = None
+        self.tail: torch.Tensor | None = None      # [B, K, L] last raw frames of each lane
+        self.before: torch.Tensor | None = None    # [B, L] True where a tail frame precedes the file
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> ChunkedLM:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        model, B = self.model, self.batch_size
+        self._stack = model.streaming(B)
+        device = next(model.parameters()).device
+        K = model.num_codebooks
+        self._initial = model._get_initial_token().view(1, K, 1).to(device)
+        self.tail = self._initial.expand(B, K, self.tail_len).clone()
+        self.before = torch.ones(B, self.tail_len, dtype=torch.bool, device=device)
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    # ------------------------------------------------------------------ step
+    def reset(self, mask: torch.Tensor) -> None:
+        """Lanes in ``mask`` [B] start a new file: fresh memory, empty attention, no delay tail."""
+        mask = mask.to(self.tail.device)
+        if not bool(mask.any()):
+            return
+        self.model.reset_streaming(mask)
+        self.tail = torch.where(mask.view(-1, 1, 1), self._initial.expand_as(self.tail), self.tail)
+        self.before = self.before | mask.view(-1, 1)
+
+    def step(self, codes: torch.Tensor, reset: torch.Tensor | None = None,
+             valid: torch.Tensor | None = None) -> ChunkOutput:
+        """codes [B, K, C] raw frames (moshi's layout, -1 = padding); reset [B] bool before the chunk;
+        valid [B, C] real frames (default: frames whose codes are not all -1). Like moshi's full
+        forward, only positions that are real frames make predictions."""
+        if self._stack is None:
+            raise RuntimeError("ChunkedLM.step outside its context (use `with ChunkedLM(...)`)")
+        if reset is not None:
+            self.reset(reset)
+        model = self.model
+        B, K, C = codes.shape
+        L = self.tail_len
+        ext = torch.cat([self.tail, codes], dim=2)                                      # [B, K, L + C]
+        before = torch.cat([self.before, torch.zeros(B, C, dtype=torch.bool, device=codes.device)], 1)
+        j = torch.arange(C, device=codes.device)
+        d = self.delays.to(codes.device).view(K, 1)
+        idx_in = (L + j - 1 - d).view(1, K, C).expand(B, K, C)
+        idx_tgt = (L + j - d).view(1, K, C).expand(B, K, C)
+        seq_in = ext.gather(2, idx_in)
+        seq_tgt = ext.gather(2, idx_tgt)
+        tgt_ok = ~before.unsqueeze(1).expand(B, K, L + C).gather(2, idx_tgt)            # [B, K, C]
+        if valid is None:
+            valid = (codes != -1).any(1)
+        tgt_ok = tgt_ok & valid.to(codes.device).unsqueeze(1)
+
+        transformer_out, text_logits = model.forward_text(seq_in)
+        logits = model.forward_depformer_training(seq_tgt, transformer_out)          # [B, dep_q, C, card]
+        a0, dq = model.audio_offset, model.dep_q
+        losses = token_losses(text_logits[:, 0], seq_tgt[:, 0], tgt_ok[:, 0],
+                              logits, seq_tgt[:, a0:a0 + dq], tgt_ok[:, a0:a0 + dq])
+
+        self.tail = ext[:, :, -L:].detach()
+        self.before = before[:, -L:]
+        target_frame = (j.view(1, C) - d)[: 1 + dq]
+        return ChunkOutput(losses, target_frame)
