@@ -15,6 +15,8 @@ import sys
 # Modules that provide commands, in the order they appear in --help.
 COMMAND_MODULES = (
     "moshi_ttt.ttt.demo",
+    "moshi_ttt.data.commands",
+    "moshi_ttt.train.commands",
     "moshi_ttt.model.generate",
     "moshi_ttt.bench.commands",
 )

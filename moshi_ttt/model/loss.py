@@ -69,17 +69,40 @@ class LossTerms:
     weight: torch.Tensor  # total text + audio weight, to combine chunks/ranks exactly
 
 
-def weighted_loss(tl: TokenLosses, cfg: LossConfig | None = None, text_padding_id: int = 3) -> LossTerms:
-    """``text_weight * text + audio_weight * audio``, each a weighted mean over valid tokens."""
+@dataclass
+class WeightedSums:
+    """Numerators and denominators of the weighted text and audio means: sums can be added over
+    chunks or all-reduced over ranks before dividing, so the global mean is exact."""
+
+    text_num: torch.Tensor
+    text_den: torch.Tensor
+    audio_num: torch.Tensor
+    audio_den: torch.Tensor
+
+
+def weighted_sums(tl: TokenLosses, cfg: LossConfig | None = None, text_padding_id: int = 3) -> WeightedSums:
     cfg = cfg or LossConfig()
     tw = torch.where(tl.text_target == text_padding_id, cfg.text_padding_weight, 1.0).to(tl.text) * tl.text_mask
     aw = torch.ones_like(tl.audio)
     aw[:, 0] = cfg.first_codebook_weight
     aw = aw * tl.audio_mask
-    text = (tl.text * tw).sum() / tw.sum().clamp_min(1e-8)
-    audio = (tl.audio * aw).sum() / aw.sum().clamp_min(1e-8)
+    return WeightedSums((tl.text * tw).sum(), tw.sum(), (tl.audio * aw).sum(), aw.sum())
+
+
+def combine(ws: WeightedSums, cfg: LossConfig | None = None, text_den: torch.Tensor | None = None,
+            audio_den: torch.Tensor | None = None) -> LossTerms:
+    """``text_weight * text + audio_weight * audio`` from sums; optional global denominators."""
+    cfg = cfg or LossConfig()
+    tden = (ws.text_den if text_den is None else text_den).clamp_min(1e-8)
+    aden = (ws.audio_den if audio_den is None else audio_den).clamp_min(1e-8)
+    text, audio = ws.text_num / tden, ws.audio_num / aden
     return LossTerms(cfg.text_weight * text + cfg.audio_weight * audio, text.detach(), audio.detach(),
-                     (tw.sum() + aw.sum()).detach())
+                     (tden + aden).detach())
+
+
+def weighted_loss(tl: TokenLosses, cfg: LossConfig | None = None, text_padding_id: int = 3) -> LossTerms:
+    """``text_weight * text + audio_weight * audio``, each a weighted mean over valid tokens."""
+    return combine(weighted_sums(tl, cfg, text_padding_id), cfg)
 
 
 def lm_loss(out: LMOutput, codes: torch.Tensor, cfg: LossConfig | None = None,

@@ -1,0 +1,226 @@
+"""Typed training configuration: dataclasses, loaded from YAML with ``--set key=value`` overrides.
+
+Unknown keys and values of the wrong type are errors that name the dotted key
+(``optim.lr: expected a number, got 'fast'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..model.loss import LossConfig
+from ..ttt.config import TTTConfig, TTTConfigError
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which Moshi: the tiny preset (random init, CPU) or local weights (``moshi_weights`` +
+    ``moshi_config``, e.g. Moshi 7B). ``lm_overrides`` changes preset fields (e.g. context)."""
+
+    preset: Literal["tiny", "local"] = "tiny"
+    moshi_weights: str | None = None
+    moshi_config: str | None = None
+    lm_overrides: dict[str, Any] = field(default_factory=dict)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Encoded datasets (``moshi-ttt prepare`` or ``moshi-ttt synth`` output folders)."""
+
+    train: str = "data/synth/train"
+    eval: str | None = "data/synth/eval"
+    chunk_frames: int = 64
+    lanes: int = 4
+    mode: Literal["ordered", "clips"] = "ordered"
+    eval_max_files: int | None = None
+
+
+@dataclass
+class LoRAConfig:
+    enable: bool = False
+    rank: int = 64
+    scaling: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/train"
+    seed: int = 0
+    steps: int = 300
+    trainable: Literal["ttt", "ttt+lora", "full"] = "ttt"
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ttt: TTTConfig = field(default_factory=lambda: TTTConfig(layers="all", mini_batch_size=8))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 100
+    keep_last: int = 3
+    max_nonfinite: int = 5
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "log_every", "eval_every", "ckpt_every", "keep_last", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.data.chunk_frames < 1 or self.data.lanes < 1:
+            raise ConfigError("data.chunk_frames and data.lanes must be >= 1")
+        if self.model.preset == "local" and not (self.model.moshi_weights and self.model.moshi_config):
+            raise ConfigError("model.preset=local needs model.moshi_weights and model.moshi_config (local paths)")
+        if self.trainable == "ttt+lora" and not self.lora.enable:
+            raise ConfigError("trainable=ttt+lora needs lora.enable=true")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.optim.lr}")
+
+
+# ----------------------------------------------------------------------------- generic loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a dict, checking keys and types recursively."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known under '{prefix or '(top)'}': {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TTTConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    if isinstance(out.get("ttt"), dict):
+        out["ttt"].pop("extra", None)
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "ttt.layers=[1,2]"]``: values parsed as YAML scalars/lists."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            child = node.get(p)
+            node[p] = dict(child) if isinstance(child, dict) else {}
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    cfg = build(TrainConfig, data)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,352 @@
+"""The training loop: truncated BPTT over in-order chunk streams (DESIGN.md sections 4, 5).
+
+Each step takes one chunk per lane from the in-order stream, resets the lanes whose file starts,
+runs the chunked forward (attention keys/values and TTT memory carried from the previous chunk),
+computes moshi-finetune's loss, backpropagates within the chunk (the memory's path to the learned
+initial weights per ``ttt.state_grad``), clips, steps AdamW, and carries the state on.
+``ttt.persistent_states: false`` resets the memory every chunk (the seeds' baseline).
+
+Checkpoints hold everything needed to continue bit for bit (on CPU): weights, optimizer,
+scheduler, sampler position, RNG states and the carried per-lane memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..data.dataset import EncodedDataset
+from ..data.stream import ChunkBatch, ChunkStream
+from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
+from ..model.chunked import ChunkedLM
+from ..model.loss import TokenLosses, WeightedSums, combine, weighted_sums
+from ..model.memory import load_stream, save_stream
+from ..model.weights import apply_lora, load_lm, save_ttt_checkpoint, trainable_names
+from .checkpoint import find_resumable, rng_state, set_rng_state, write_checkpoint
+from .config import ConfigError, TrainConfig, to_dict
+from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .logging import MetricsLogger
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the message says why."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """Build the model of a training config (tiny preset or local weights), LoRA, trainable set."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
+    # Non-persistent memory resets every training chunk, in training and evaluation alike.
+    ttt = dataclasses.replace(cfg.ttt, chunk_frames=cfg.data.chunk_frames)
+    torch.manual_seed(cfg.model.init_seed)
+    if cfg.model.preset == "tiny":
+        model = build_lm(tiny_lm_kwargs(**cfg.model.lm_overrides), ttt, device=device, dtype=dtype)
+    else:
+        if cfg.model.lm_overrides:
+            raise ConfigError("model.lm_overrides applies to the tiny preset only (the config.json "
+                              "of local weights defines the architecture)")
+        model = load_lm(cfg.model.moshi_weights, cfg.model.moshi_config, ttt, device=device, dtype=dtype)
+    if cfg.model.gradient_checkpointing:
+        raise ConfigError("model.gradient_checkpointing: moshi's layer checkpointing re-runs the forward "
+                          "in backward, which would advance the streaming state (KV cache, TTT memory) "
+                          "twice; not supported with chunked training yet")
+    if cfg.lora.enable:
+        apply_lora(model, cfg.lora.rank, cfg.lora.scaling)
+    names = set(trainable_names(model, cfg.trainable))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return model
+
+
+def lr_lambda(cfg: TrainConfig):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+    return f
+
+
+class _ChunkStep(nn.Module):
+    """The chunk forward as a module, so that DDP can wrap it (its reducer hooks on ``forward``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.runner: ChunkedLM | None = None
+
+    def forward(self, codes: torch.Tensor, reset: torch.Tensor, valid: torch.Tensor):
+        assert self.runner is not None
+        tl = self.runner.step(codes, reset, valid).losses
+        return tl.text, tl.text_target, tl.text_mask, tl.audio, tl.audio_target, tl.audio_mask
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, dist: DistInfo | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = dist or init_distributed(self.device.type)
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.seed)
+        self.model = make_model(cfg, self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError(f"trainable={cfg.trainable}: the model has no such parameters (TTT in no layer?)")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                           weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.dataset = EncodedDataset(cfg.data.train)
+        self._check_layout(self.dataset, cfg.data.train)
+        # One global schedule over lanes x world; each rank takes its slice of lanes, so a run on
+        # N processes sees exactly the batches of one process with N times the lanes.
+        self.stream = ChunkStream(self.dataset, cfg.data.lanes * self.dist.world_size, cfg.data.chunk_frames,
+                                  seed=cfg.seed, mode=cfg.data.mode)
+        self.eval_dataset = EncodedDataset(cfg.data.eval) if cfg.data.eval else None
+        self.step_module: nn.Module = _ChunkStep(self.model)
+        if self.dist.enabled:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.skipped = 0
+        self._stop_requested = False
+        self.runner = ChunkedLM(self.model, cfg.data.lanes)
+        self.runner.start()
+        self._inner(self.step_module).runner = self.runner
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=True)
+        self.resumed_from: Path | None = None
+        if resume:
+            self._resume()
+        elif self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    @staticmethod
+    def _inner(m: nn.Module) -> _ChunkStep:
+        return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m  # type: ignore[return-value]
+
+    def _check_layout(self, ds: EncodedDataset, path: str) -> None:
+        rows = ds.layout.num_rows if getattr(ds, "layout", None) is not None else None
+        if rows is not None and rows != self.model.num_codebooks:
+            raise ConfigError(f"data {path}: codes have {rows} rows, the model expects "
+                              f"{self.model.num_codebooks} (1 text + n_q audio)")
+
+    # ------------------------------------------------------------------ one step
+    def _rank_slice(self, batch: ChunkBatch) -> ChunkBatch:
+        if not self.dist.enabled:
+            return batch
+        lo = self.dist.rank * self.cfg.data.lanes
+        sl = slice(lo, lo + self.cfg.data.lanes)
+        kw = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        for k, v in kw.items():
+            if isinstance(v, torch.Tensor):
+                kw[k] = v[sl]
+            elif isinstance(v, list):
+                kw[k] = v[sl]
+        return ChunkBatch(**kw)
+
+    def train_step(self, batch: ChunkBatch) -> dict[str, Any]:
+        cfg = self.cfg
+        batch = self._rank_slice(batch).to(self.device)
+        t0 = time.perf_counter()
+        self.model.train()
+        text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
+        ws = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
+        dens = all_reduce_sum(torch.stack([ws.text_den, ws.audio_den]).detach().float(), self.dist)
+        terms = combine(ws, cfg.loss, dens[0].to(ws.text_num), dens[1].to(ws.audio_num))
+        # DDP averages gradients over ranks: scale so that the result is the global token mean.
+        (terms.total * self.dist.world_size).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        sums = all_reduce_sum(torch.stack([ws.text_num.detach(), ws.audio_num.detach()]).float(), self.dist)
+        loss_value = (cfg.loss.text_weight * sums[0] / dens[0].clamp_min(1e-8)
+                      + cfg.loss.audio_weight * sums[1] / dens[1].clamp_min(1e-8))  # global, all ranks
+        finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        frames = float(batch.valid.sum()) * self.dist.world_size
+        metrics = {"step": self.step, "loss": float(loss_value), "text_loss": float(sums[0] / dens[0].clamp_min(1e-8)),
+                   "audio_loss": float(sums[1] / dens[1].clamp_min(1e-8)), "grad_norm": float(grad_norm), "lr": lr,
+                   "frames_per_s": frames / dt, "epoch": batch.epoch, "skipped": not finite}
+        if not finite:
+            print(f"step {self.step}: non-finite loss or gradient (loss={float(loss_value)}, "
+                  f"grad_norm={float(grad_norm)}); step skipped ({self.nonfinite_in_row} in a row)")
+            if self.nonfinite_in_row >= cfg.max_nonfinite:
+                raise TrainingStopped(f"{self.nonfinite_in_row} non-finite steps in a row (max_nonfinite="
+                                      f"{cfg.max_nonfinite}); stopping. Lower optim.lr or ttt.base_lr, "
+                                      "or check the data; the last good checkpoint is kept.")
+        return metrics
+
+    @torch.no_grad()
+    def memory_metrics(self) -> dict[str, float]:
+        """Per TTT layer: gate mean |tanh(alpha)| and state drift (mean over lanes)."""
+        out = {}
+        for i, b in ttt_blocks(self.model).items():
+            out[f"gate/layer{i}"] = float(b.layer.gate().abs().mean())
+            st = b._streaming_state
+            if st is not None:
+                out[f"drift/layer{i}"] = float(b.layer.state_drift(st.memory).mean())
+        if out:
+            gates = [v for k, v in out.items() if k.startswith("gate/")]
+            drifts = [v for k, v in out.items() if k.startswith("drift/")]
+            out["gate_mean"] = sum(gates) / len(gates)
+            if drifts:
+                out["ttt_state_drift"] = sum(drifts) / len(drifts)
+        return out
+
+    # ------------------------------------------------------------------ eval
+    def run_eval(self) -> dict[str, Any] | None:
+        if self.eval_dataset is None or not self.dist.is_main:
+            return None
+        from ..eval.evaluate import evaluate, summarize
+
+        with _swap_streaming(self.model):
+            res = evaluate(self.model, self.eval_dataset, self.cfg.data.chunk_frames, lanes=self.cfg.data.lanes,
+                           mode="persistent" if self.cfg.ttt.persistent_states else "reset",
+                           max_files=self.cfg.data.eval_max_files)
+        summary = summarize(res)
+        (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "eval" / f"step_{self.step:07d}.json").write_text(json.dumps(res))
+        return {f"eval/{k}": v for k, v in summary.items() if v is not None}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def writer(folder: Path) -> None:
+            save_file(trainable, str(folder / "trainable.safetensors"))
+            save_ttt_checkpoint(self.model, folder / "adapter", extra={"step": self.step})
+            save_stream(self.model, folder / "stream.safetensors")
+            torch.save({
+                "step": self.step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+                "rng": rng_state(), "nonfinite_in_row": self.nonfinite_in_row, "skipped": self.skipped,
+                "tail": self.runner.tail.cpu(), "before": self.runner.before.cpu(),
+                "config": to_dict(self.cfg),
+            }, folder / "trainer.pt")
+
+        return write_checkpoint(self.run_dir, self.step, writer, self.cfg.keep_last)
+
+    def _resume(self) -> None:
+        ck = find_resumable(self.run_dir)
+        if ck is None:
+            print(f"no checkpoint to resume in {self.run_dir / 'checkpoints'}; starting from step 0")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return
+        if self.dist.world_size > 1:
+            raise ConfigError("resuming a multi-process run: run the same world size; the carried memory "
+                              "of every rank's lanes is in the checkpoint of rank 0 only for now")
+        st = torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in load_file(str(ck / "trainable.safetensors")).items():
+                if n not in params:
+                    raise ConfigError(f"{ck}: parameter {n} is not in the model (config changed?)")
+                params[n].copy_(t)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.stream.load_state_dict(st["stream"])
+        load_stream(self.model, ck / "stream.safetensors")
+        self.runner.tail = st["tail"].to(self.device)
+        self.runner.before = st["before"].to(self.device)
+        set_rng_state(st["rng"])
+        self.step, self.nonfinite_in_row, self.skipped = st["step"], st["nonfinite_in_row"], st["skipped"]
+        self.logger.truncate_after(self.step)
+        self.resumed_from = ck
+        print(f"resumed from {ck} (step {self.step})")
+
+    # ------------------------------------------------------------------ loop
+    def _on_sigint(self, signum, frame) -> None:
+        self._stop_requested = True
+        print("\ninterrupt: finishing this step, writing a checkpoint, then stopping (Ctrl-C again to abort)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        from tqdm import tqdm
+
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
+        it = iter(self.stream)
+        last: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        try:
+            while self.step < cfg.steps:
+                metrics = self.train_step(next(it))
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics.update(self.memory_metrics())
+                    self.logger.log(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}")
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    ev = self.run_eval()
+                    if ev:
+                        self.logger.log({"step": self.step, **ev})
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or self._stop_requested:
+                    self.save_checkpoint()
+                last = metrics
+                if self._stop_requested:
+                    bar.write(f"stopped at step {self.step}; resume with --resume")
+                    break
+        finally:
+            bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        summary = {"steps": self.step, "final_loss": last.get("loss"), "skipped_steps": self.skipped,
+                   "wall_s": time.perf_counter() - t_start, "run_dir": str(self.run_dir),
+                   "interrupted": self._stop_requested}
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.close()
+        return summary
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+@contextlib.contextmanager
+def _swap_streaming(model):
+    """Evaluate inside training: park the training streams' state, restore it after."""
+    saved = model.get_streaming_state()
+    model._stop_streaming()
+    try:
+        yield
+    finally:
+        model.set_streaming_state(saved)
+
+
+__all__ = ["Trainer", "TrainingStopped", "make_model", "WeightedSums"]
