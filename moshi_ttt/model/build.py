@@ -23,20 +23,23 @@ TTT_KEY_MARKER = ".ttt."
 
 
 def build_lm(lm_kwargs: dict[str, Any], ttt_config: TTTConfig | None = None,
-             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LMModel:
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             chunkable: bool | None = None) -> LMModel:
     """A random-init moshi ``LMModel`` with TTT blocks in the layers named by ``ttt_config.layers``.
 
-    With TTT disabled or in no layer, this is exactly stock moshi (``loaders.get_moshi_lm``).
-    Otherwise every temporal-transformer layer is a ``TTTHybridLayer`` (moshi's layer with a
-    chunk-capable KV cache) and the selected ones get a ``TTTBlock``. The config is kept on the
-    model as ``model.ttt_config``.
+    With TTT disabled or in no layer (and ``chunkable`` not True), this is exactly stock moshi
+    (``loaders.get_moshi_lm``). Otherwise every temporal-transformer layer is a ``TTTHybridLayer``
+    (moshi's layer with a chunk-capable KV cache, needed for multi-frame streaming calls and for
+    training over chunks) and the selected ones get a ``TTTBlock``. ``chunkable=True`` gives the
+    chunk-capable layers even without TTT (a no-TTT baseline trained the same way). The config is
+    kept on the model as ``model.ttt_config``.
     """
     ttt_config = ttt_config if ttt_config is not None else TTTConfig()
     kw = dict(lm_kwargs)
     if "layer_class" in kw:
         raise ValueError("build_lm: lm_kwargs must not set 'layer_class' (moshi-ttt injects its own)")
     layers = ttt_config.resolve_layers(int(kw["num_layers"]))
-    if layers:
+    if layers or chunkable:
         kw["layer_class"] = TTTHybridLayer
     model = loaders.get_moshi_lm(None, lm_kwargs=kw, device=device, dtype=dtype)
     for i in layers:

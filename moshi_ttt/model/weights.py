@@ -108,13 +108,14 @@ def _short(keys: list[str], n: int = 10) -> str:
 
 
 def load_lm(weights: str | Path, config: str | Path, ttt_config: TTTConfig | None = None,
-            device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> LMModel:
+            device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+            chunkable: bool | None = None) -> LMModel:
     """Build the TTT model from a local moshi ``config.json`` and load ``model.safetensors``."""
     weights = Path(weights)
     if not weights.is_file():
         raise WeightsError(f"moshi weights not found: {weights}")
     lm_kwargs = read_moshi_config(config)
-    model = build_lm(lm_kwargs, ttt_config, device="meta", dtype=dtype)
+    model = build_lm(lm_kwargs, ttt_config, device="meta", dtype=dtype, chunkable=chunkable)
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as e:

@@ -55,12 +55,14 @@ def make_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     ttt = dataclasses.replace(cfg.ttt, chunk_frames=cfg.data.chunk_frames)
     torch.manual_seed(cfg.model.init_seed)
     if cfg.model.preset == "tiny":
-        model = build_lm(tiny_lm_kwargs(**cfg.model.lm_overrides), ttt, device=device, dtype=dtype)
+        # chunkable: exact attention over chunks longer than one frame, with or without TTT.
+        model = build_lm(tiny_lm_kwargs(**cfg.model.lm_overrides), ttt, device=device, dtype=dtype, chunkable=True)
     else:
         if cfg.model.lm_overrides:
             raise ConfigError("model.lm_overrides applies to the tiny preset only (the config.json "
                               "of local weights defines the architecture)")
-        model = load_lm(cfg.model.moshi_weights, cfg.model.moshi_config, ttt, device=device, dtype=dtype)
+        model = load_lm(cfg.model.moshi_weights, cfg.model.moshi_config, ttt, device=device, dtype=dtype,
+                        chunkable=True)
     if cfg.model.gradient_checkpointing:
         raise ConfigError("model.gradient_checkpointing: moshi's layer checkpointing re-runs the forward "
                           "in backward, which would advance the streaming state (KV cache, TTT memory) "
@@ -350,3 +352,24 @@ def _swap_streaming(model):
 
 
 __all__ = ["Trainer", "TrainingStopped", "make_model", "WeightedSums"]
+
+
+def load_trained(path: str | Path, device: str | torch.device = "auto") -> tuple[nn.Module, TrainConfig, Path]:
+    """A trained model from a checkpoint folder (``.../checkpoints/step_N``) or a run folder (its
+    newest intact checkpoint). Returns (model in eval mode, its training config, checkpoint path)."""
+    from .checkpoint import CheckpointError, verify_checkpoint
+    from .config import build
+
+    path = Path(path)
+    ck = path if (path / "trainable.safetensors").is_file() else find_resumable(path)
+    if ck is None:
+        raise CheckpointError(f"{path}: no checkpoint found (expected a run folder or checkpoints/step_N)")
+    verify_checkpoint(ck)
+    st = torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False)
+    cfg = build(TrainConfig, st["config"])
+    model = make_model(cfg, resolve_device(device if device != "auto" else cfg.device))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in load_file(str(ck / "trainable.safetensors")).items():
+            params[n].copy_(t)
+    return model.eval(), cfg, ck
