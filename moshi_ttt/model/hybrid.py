@@ -50,6 +50,10 @@ class TTTBlock(StreamingModule[TTTBlockState]):
         self.config = config
         self.norm = create_norm_fn(norm, d_model, device=device, dtype=dtype)
         self.layer = TTTMLP(d_model, num_heads, config, device=device, dtype=dtype)
+        # Diagnostics (training logs): when True, the next streaming call keeps its input and the
+        # memory before/after it in ``probe`` (detached), for ``inner_loss_before_after``.
+        self.record_probe = False
+        self.probe: tuple[torch.Tensor, TTTState, TTTState] | None = None
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -81,8 +85,25 @@ class TTTBlock(StreamingModule[TTTBlockState]):
             update, _ = self.layer(h)
         else:
             update, new = self.layer(h, state.memory, exec_mask=state.exec_mask)
+            if self.record_probe:
+                self.probe = (h.detach(), state.memory.detach().clone(), new.detach().clone())
             self.store_memory(state, new)
         return x + update.to(x.dtype)
+
+
+    @torch.no_grad()
+    def inner_loss_before_after(self) -> tuple[float, float] | None:
+        """Mean inner reconstruction loss of the probed call's tokens under the memory at its start
+        and at its end: the memory learned from the chunk if the second is lower."""
+        if self.probe is None:
+            return None
+        from ..ttt.diagnostics import inner_loss_at_state
+
+        h, before, after = self.probe
+        _, xk, xv, _ = self.layer.project(h, before.pos)
+        dt = before.W1.dtype
+        args = (xk.to(dt), xv.to(dt), self.layer.ttt_norm_weight.to(dt), self.layer.ttt_norm_bias.to(dt))
+        return (float(inner_loss_at_state(*args, before).mean()), float(inner_loss_at_state(*args, after).mean()))
 
 
 class TTTHybridLayer(StreamingTransformerLayer):

@@ -218,12 +218,19 @@ class Trainer:
             st = b._streaming_state
             if st is not None:
                 out[f"drift/layer{i}"] = float(b.layer.state_drift(st.memory).mean())
+            ba = b.inner_loss_before_after()
+            if ba is not None:
+                out[f"inner_loss_before/layer{i}"], out[f"inner_loss_after/layer{i}"] = ba
         if out:
             gates = [v for k, v in out.items() if k.startswith("gate/")]
             drifts = [v for k, v in out.items() if k.startswith("drift/")]
             out["gate_mean"] = sum(gates) / len(gates)
             if drifts:
                 out["ttt_state_drift"] = sum(drifts) / len(drifts)
+            for key in ("inner_loss_before", "inner_loss_after"):
+                vals = [v for k, v in out.items() if k.startswith(key + "/")]
+                if vals:
+                    out[key] = sum(vals) / len(vals)
         return out
 
     # ------------------------------------------------------------------ eval
@@ -300,6 +307,7 @@ class Trainer:
         from tqdm import tqdm
 
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
+        blocks = ttt_blocks(self.model)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         it = iter(self.stream)
@@ -307,7 +315,12 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             while self.step < cfg.steps:
+                will_log = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+                for b in blocks.values():
+                    b.record_probe, b.probe = will_log, None
                 metrics = self.train_step(next(it))
+                for b in blocks.values():
+                    b.record_probe = False
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.update(self.memory_metrics())
