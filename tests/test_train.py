@@ -186,6 +186,7 @@ def test_training_lowers_loss_and_moves_the_memory(corpus, tmp_path):
     last = [m for m in logs if "gate_mean" in m][-1]
     assert abs(last["gate_mean"] - first["gate_mean"]) > 1e-3
     assert last["ttt_state_drift"] > 0
+    assert last["inner_loss_after"] < last["inner_loss_before"]   # the memory learned from the chunk
     assert summary["steps"] == 30 and (tmp_path / "run" / "tb").is_dir()
 
 
