@@ -1,1 +1,23 @@
-"""data"""
+"""Long-recording data: manifests, Mimi code cache, text interleaving, in-order chunk streams,
+and the synthetic long-memory corpus. See ``moshi_ttt/data/README.md``.
+"""
+
+from .dataset import CodesLayout, EncodedDataset, EncodedDatasetWriter, EncodedFile, FileEntry
+from .manifest import ManifestEntry, Word, read_alignment, read_manifest
+from .mimi import MimiEncoder, MimiSpec, benchmark_encode, build_mimi, tiny_mimi
+from .prepare import CodeCache, PrepareConfig, PrepareResult, load_stereo, prepare
+from .report import DataError, Issue, Report
+from .stream import ChunkBatch, ChunkStream
+from .synthetic import SynthConfig, SynthFile, generate_file, write_corpus
+from .text import TextConfig, interleave, place_tokens, text_stream
+
+__all__ = [
+    "CodesLayout", "EncodedDataset", "EncodedDatasetWriter", "EncodedFile", "FileEntry",
+    "ManifestEntry", "Word", "read_alignment", "read_manifest",
+    "MimiEncoder", "MimiSpec", "benchmark_encode", "build_mimi", "tiny_mimi",
+    "CodeCache", "PrepareConfig", "PrepareResult", "load_stereo", "prepare",
+    "DataError", "Issue", "Report",
+    "ChunkBatch", "ChunkStream",
+    "SynthConfig", "SynthFile", "generate_file", "write_corpus",
+    "TextConfig", "interleave", "place_tokens", "text_stream",
+]

@@ -1,0 +1,196 @@
+"""``moshi-ttt prepare`` and ``moshi-ttt synth``: write encoded datasets (real and synthetic)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .report import DataError
+
+PREPARE_HELP = """\
+Encode a moshi-finetune style manifest into an encoded dataset for in-order training.
+
+Input: a JSONL manifest, one {"path": "x.wav", "duration": ...} per line (paths relative to the
+manifest), stereo wavs (left = Moshi, right = user) and beside each wav its word alignment
+x.json = {"alignments": [[word, [start, end], speaker], ...]}.
+Output (--out): index.jsonl, dataset.json and codes/<file_id>.safetensors with codes
+[1 + n_q, T] in moshi's layout (text row, Moshi codebooks, user codebooks), plus
+prepare_report.json. Mimi codes are cached (--cache) and reused while the audio file, the Mimi
+weights and settings stay the same.
+
+Bad inputs (unreadable, corrupt or truncated wav, mono, NaN samples, empty or too short audio, missing or
+malformed alignment, alignment past the end of the audio, bad manifest lines) are reported with
+the file and the problem; the other files go on and a summary ends the run. Other sample rates
+are resampled (a note). --strict stops at the first problem instead (exit code 1).
+"""
+
+SYNTH_HELP = """\
+Write the synthetic long-memory corpus (same on-disk format as `prepare`).
+
+Each file: a file-specific background "voice", one random motif shown near the start and recalled
+after gaps longer than the attention context, cued by markers in the user stream; recall_mask
+marks the recall targets, which no model with a context shorter than the gap can predict better
+than chance. --control writes the variant with fresh motifs at every recall (same statistics, no
+long-range dependence). Defaults fit the tiny preset (context 32) and train in minutes on a CPU.
+"""
+
+
+@contextlib.contextmanager
+def _console_messages(quiet: bool) -> Iterator[None]:
+    """Per-file problem messages on stderr, written through tqdm so the progress bar stays intact."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    log = logging.getLogger("moshi_ttt.data")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old = (log.level, log.propagate)
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old[0])
+        log.propagate = old[1]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``prepare`` and ``synth`` subcommands."""
+    from .prepare import default_workers
+
+    p = sub.add_parser("prepare", help="encode a manifest of stereo recordings into an encoded dataset",
+                       description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", type=Path, help="JSONL manifest of stereo wavs")
+    p.add_argument("--out", type=Path, required=True, help="output dataset directory")
+    p.add_argument("--tokenizer", type=Path, required=True, help="sentencepiece model of the text stream")
+    mimi = p.add_mutually_exclusive_group(required=True)
+    mimi.add_argument("--mimi-weights", type=Path, help="local Mimi weights (.safetensors or torch checkpoint)")
+    mimi.add_argument("--random-mimi", choices=["full", "tiny"],
+                      help="random-weight Mimi instead of real weights: 'full' size (benchmarks) or "
+                      "'tiny' (tests and CPU demos; pairs with --preset tiny)")
+    p.add_argument("--preset", choices=["auto", "7b", "tiny"], default="auto",
+                   help="model layout (codebooks, vocabularies, padding ids); auto: tiny with "
+                   "--random-mimi tiny, else 7b (default: %(default)s)")
+    p.add_argument("--num-codebooks", type=int, default=None,
+                   help="Mimi codebooks per channel (default: the preset's dep_q)")
+    p.add_argument("--cache", type=Path, default=None, help="Mimi code cache directory (default: OUT/mimi_cache)")
+    p.add_argument("--main-speaker", default="SPEAKER_MAIN",
+                   help="alignment speaker label of the Moshi (left) channel (default: %(default)s)")
+    p.add_argument("--min-duration", type=float, default=1.0,
+                   help="skip recordings shorter than this many seconds (default: %(default)s)")
+    p.add_argument("--window-sec", type=float, default=30.0,
+                   help="encode long files in windows of this length (default: %(default)s)")
+    p.add_argument("--overlap-sec", type=float, default=10.0,
+                   help="left context re-encoded before each window (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="files read, checked and resampled in parallel ahead of the encoder (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="device for Mimi, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--hash-content", action="store_true",
+                   help="key the cache on each wav's SHA-256 instead of its path, size and mtime")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) at the first bad input instead of skipping it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only warnings")
+    p.set_defaults(func=run_prepare)
+
+    s = sub.add_parser("synth", help="write the synthetic long-memory corpus (or its control)",
+                       description=SYNTH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--out", type=Path, required=True, help="output dataset directory")
+    s.add_argument("--preset", choices=["tiny", "7b"], default="tiny",
+                   help="model layout and attention context to fit (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    s.add_argument("--num-files", type=int, default=64, help="number of files (default: %(default)s)")
+    s.add_argument("--frames-min", type=int, default=None, help="shortest file in frames (default: 6 x context)")
+    s.add_argument("--frames-max", type=int, default=None, help="longest file in frames (default: 8 x context)")
+    s.add_argument("--context", type=int, default=None, help="attention context in frames (default: the preset's)")
+    s.add_argument("--motif-len", type=int, default=4, help="frames per motif (default: %(default)s)")
+    s.add_argument("--gap-min", type=int, default=None, help="min frames between occurrences (default: context + 8)")
+    s.add_argument("--gap-max", type=int, default=None, help="max frames between occurrences (default: context + 24)")
+    s.add_argument("--voice-size", type=int, default=8,
+                   help="codes per stream in a file's voice (default: %(default)s)")
+    s.add_argument("--control", action="store_true", help="write the control: fresh motif at every recall")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=run_synth)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Entry point of ``moshi-ttt prepare``; returns the exit code."""
+    try:
+        from .dataset import CodesLayout
+        from .mimi import MimiEncoder, MimiSpec
+        from .prepare import PrepareConfig, prepare
+
+        preset = args.preset
+        if preset == "auto":
+            preset = "tiny" if args.random_mimi == "tiny" else "7b"
+        layout = CodesLayout.preset(preset)
+        K = args.num_codebooks or layout.dep_q
+        if K != layout.dep_q or 2 * K != layout.n_q:
+            raise ValueError(f"--num-codebooks {K} does not fit the {preset} layout (dep_q={layout.dep_q}, "
+                             f"n_q={layout.n_q}: both channels give dep_q codebooks)")
+        if args.mimi_weights is not None:
+            spec = MimiSpec(kind="weights", weights=str(args.mimi_weights), num_codebooks=K,
+                            window_sec=args.window_sec, overlap_sec=args.overlap_sec)
+        else:
+            spec = MimiSpec(kind="random" if args.random_mimi == "full" else "tiny", num_codebooks=K,
+                            card=layout.card, window_sec=args.window_sec, overlap_sec=args.overlap_sec)
+        tokenizer = _load_tokenizer(args.tokenizer, layout.text_card)
+        encoder = MimiEncoder(spec, args.device)
+        cfg = PrepareConfig(out=args.out, layout=layout, cache=args.cache, main_speaker=args.main_speaker,
+                            min_duration_sec=args.min_duration, workers=args.workers, strict=args.strict,
+                            hash_content=args.hash_content, progress=not args.quiet)
+        with _console_messages(args.quiet):
+            result = prepare(args.manifest, encoder, tokenizer, cfg, tokenizer_path=str(args.tokenizer))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kept = len(result.written)
+    print(result.report.summary(total=result.total, kept=kept), file=sys.stderr)
+    if result.audio_sec > 0:
+        print(f"encoded {result.audio_sec:.1f} s of stereo audio in {result.encode_sec:.1f} s "
+              f"({result.encode_real_time_factor:.1f}x real time); {result.cache_hits} file(s) from the cache",
+              file=sys.stderr)
+    print(f"wrote {kept} file(s) to {args.out}", file=sys.stderr)
+    return 0 if kept > 0 else 1
+
+
+def _load_tokenizer(path: Path, text_card: int):
+    import sentencepiece
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() > text_card:
+        raise ValueError(f"tokenizer {path} has {sp.vocab_size()} pieces, more than the model's text_card {text_card}")
+    return sp
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """Entry point of ``moshi-ttt synth``; returns the exit code."""
+    from ..model import presets
+    from .synthetic import SynthConfig, write_corpus
+
+    kw = presets.tiny_lm_kwargs() if args.preset == "tiny" else presets.moshi_7b_lm_kwargs()
+    context = args.context or kw["context"]
+    overrides = {"seed": args.seed, "num_files": args.num_files, "context": context, "motif_len": args.motif_len,
+                 "gap_min": args.gap_min, "gap_max": args.gap_max, "voice_size": args.voice_size,
+                 "control": args.control}
+    frames_max = args.frames_max or 8 * context
+    overrides["frames_max"] = frames_max
+    overrides["frames_min"] = args.frames_min or min(6 * context, frames_max)
+    try:
+        cfg = SynthConfig.from_lm_kwargs(kw, **overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_corpus(cfg, args.out, progress=not args.quiet)
+    kind = "control" if cfg.control else "memory"
+    print(f"wrote {cfg.num_files} synthetic ({kind}) file(s) to {args.out}", file=sys.stderr)
+    return 0
