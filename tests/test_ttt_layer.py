@@ -205,3 +205,20 @@ def test_layer_specs_resolve():
         TTTConfig(layers=[4]).resolve_layers(4)
     with pytest.raises(TTTConfigError, match="unknown TTTConfig key"):
         TTTConfig.from_dict({"mini_batch": 3})
+
+
+def test_inplace_streaming_step_respects_exec_mask_at_a_due_reset():
+    """No-grad one-frame steps may update the caller's state in place; a sample that does not
+    execute keeps its state even when its non-persistent reset is due."""
+    layer = make_layer(persistent_states=False, chunk_frames=4)
+    x = torch.randn(2, 5, 16, dtype=D)
+    with torch.no_grad():
+        _, st = layer(x[:, :4])                    # pos == chunk_frames: a reset is due
+        snap = st.clone()
+        ref_out, ref_st = layer(x[:, 4:5], snap.clone(), exec_mask=torch.tensor([True, False]))
+        out, st2 = layer(x[:, 4:5], st, exec_mask=torch.tensor([True, False]), inplace=True)
+    assert torch.equal(out, ref_out)
+    for n, t in st2.items():
+        assert torch.equal(t, getattr(ref_st, n)), n
+        assert torch.equal(t[1], getattr(snap, n)[1]), n
+    assert st2.pos.tolist() == [1, 4]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch
 from ..model.build import build_lm, moshi_7b_lm_kwargs, tiny_lm_kwargs
 from ..model.loss import lm_loss
 from ..ttt.config import TTTConfig
+from .common import device_name
 
 
 @dataclass
@@ -43,20 +43,6 @@ class ModelBenchConfig:
     dtype: str = "auto"             # bf16 on CUDA, fp32 on CPU
     skip_train: bool = False
     skip_gen: bool = False
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
 
 
 class Timer:

@@ -72,6 +72,8 @@ class TTTBlock(StreamingModule[TTTBlockState]):
     @staticmethod
     def store_memory(state: TTTBlockState, new: TTTState) -> None:
         mem = state.memory
+        if new is mem:  # already updated in place
+            return
         if torch.is_grad_enabled() or mem is None or mem.W1.requires_grad or new.W1.requires_grad:
             state.memory = new
         else:
@@ -84,7 +86,9 @@ class TTTBlock(StreamingModule[TTTBlockState]):
         if state is None:
             update, _ = self.layer(h)
         else:
-            update, new = self.layer(h, state.memory, exec_mask=state.exec_mask)
+            # No-grad one-frame steps (LMGen) may update the memory in place with the fused kernel.
+            update, new = self.layer(h, state.memory, exec_mask=state.exec_mask,
+                                     inplace=not state.memory.W1.requires_grad)
             if self.record_probe:
                 self.probe = (h.detach(), state.memory.detach().clone(), new.detach().clone())
             self.store_memory(state, new)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TTTConfig
+from .kernels.dispatch import try_step_
 from .ops import default_token_idx, ttt_mlp
 from .state import TTTState, carry_state, init_state, reset_state, select_state
 
@@ -144,7 +145,7 @@ class TTTMLP(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self, x: torch.Tensor, state: TTTState | None = None, exec_mask: torch.Tensor | None = None,
-        impl: str = "auto",
+        impl: str = "auto", inplace: bool = False,
     ) -> tuple[torch.Tensor, TTTState]:
         """Run the memory over ``x`` and return ``(update, new_state)``.
 
@@ -153,6 +154,8 @@ class TTTMLP(nn.Module):
             state: the memory carried from the previous call; None starts fresh.
             exec_mask: [B] bool; samples with False get outputs but keep ``state`` exactly.
             impl: operator implementation, see ``ttt_mlp``.
+            inplace: the caller owns ``state`` and allows one-frame no-grad steps to update it in
+                place (the fused streaming kernel, allocation-free for CUDA graphs) when available.
         Returns:
             update [B, T, dim] to add to the residual stream, and the new state.
         """
@@ -167,6 +170,16 @@ class TTTMLP(nn.Module):
         xq, xk, xv, lr = self.project(x, state.pos)
         ln_w, ln_b, tok = self.ttt_norm_weight, self.ttt_norm_bias, self.token_idx()
         K = self.config.mini_batch_size
+        if inplace and T == 1 and impl == "auto" and not torch.is_grad_enabled():
+            if not self.config.persistent_states:
+                fresh = fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)
+                due = state.pos >= self.config.chunk_frames
+                if exec_mask is not None:  # a sample that does not execute keeps its state exactly
+                    due = due & exec_mask.to(due.device)
+                state.copy_(reset_state(state, fresh, due))
+            out = try_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
+            if out is not None:  # state updated in place, exec_mask honoured by the kernel
+                return self.readout(out), state
 
         if self.config.persistent_states:
             out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .kernels.dispatch import try_kernel
 from .state import TTTState, init_state
 
 __all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_token", "default_token_idx", "LN_EPS"]
@@ -273,7 +274,7 @@ def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: 
 def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
             ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
             token_idx: torch.Tensor | None = None, *,
-            impl: Literal["auto", "dual", "token"] = "auto") -> tuple[torch.Tensor, TTTState]:
+            impl: Literal["auto", "dual", "token", "triton"] = "auto") -> tuple[torch.Tensor, TTTState]:
     """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state``.
 
     Args:
@@ -283,14 +284,23 @@ def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tens
         state: the per-sample state (``init_state`` or a previous call's ``new_state``).
         mini_batch_size: K, tokens per inner step.
         token_idx: [K] step-size multipliers per mini-batch position; default ``1/(i+1)``.
-        impl: "dual" (matrix form), "token" (per-token), or "auto" (token for T == 1).
+        impl: "dual" (matrix form), "token" (per-token), "triton" (fused kernels, CUDA), or
+            "auto": the fused kernels when enabled (``MOSHI_TTT_KERNELS=1``) and supported,
+            else token for T == 1 and dual otherwise.
     Returns:
         out [B, H, T, d] (dtype of xq) and the new state; the input state is not modified.
     """
     if impl == "auto":
+        res = try_kernel(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
+        if res is not None:
+            return res
         impl = "token" if xq.shape[2] == 1 else "dual"
+    if impl == "triton":
+        from .kernels import ttt_mlp_triton
+
+        return ttt_mlp_triton(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "dual":
         return ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "token":
         return ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
-    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual' or 'token'")
+    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'token' or 'triton'")
