@@ -41,10 +41,12 @@ class CorpusSpec:
 
     kind: str = "long-memory"            # "long-memory", "control" (synthetic) or "real"
     train: str | None = None             # existing encoded dataset folders (real data)
-    eval: str | None = None
+    eval: str | None = None              # held-out files: used once, for the final evaluation
+    val: str | None = None               # monitored during training (never the held-out files)
     synth: dict[str, Any] = field(default_factory=dict)   # SynthConfig overrides
     train_files: int = 48
     eval_files: int = 16
+    val_files: int = 8
 
 
 @dataclass
@@ -79,20 +81,24 @@ def load_experiment_config(path: str | Path | None, overrides: list[str] | None 
     return cfg
 
 
-def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int) -> tuple[Path, Path]:
+def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int) -> tuple[Path, Path | None, Path]:
+    """(train, val, held-out eval) folders."""
     if spec.kind == "real":
         if not (spec.train and spec.eval):
             raise ConfigError("corpora: a 'real' corpus needs train and eval (encoded dataset folders)")
-        return Path(spec.train), Path(spec.eval)
+        return Path(spec.train), Path(spec.val) if spec.val else None, Path(spec.eval)
     control = spec.kind == "control"
     base = root / "data" / spec.kind
-    # Held-out files come from a different generator seed than the training files.
-    for split, n, s in (("train", spec.train_files, 1000 + seed), ("eval", spec.eval_files, 2000 + seed)):
+    # Train, validation and held-out files come from different generator seeds.
+    splits = (("train", spec.train_files, 1000 + seed), ("val", spec.val_files, 3000 + seed),
+              ("eval", spec.eval_files, 2000 + seed))
+    for split, n, s in splits:
         out = base / f"{split}_seed{seed}"
-        if not (out / "index.jsonl").is_file():
+        if n and not (out / "index.jsonl").is_file():
             scfg = SynthConfig(**{**spec.synth, "seed": s, "num_files": n, "control": control})
             write_corpus(scfg, out, progress=False)
-    return base / f"train_seed{seed}", base / f"eval_seed{seed}"
+    val = base / f"val_seed{seed}" if spec.val_files else None
+    return base / f"train_seed{seed}", val, base / f"eval_seed{seed}"
 
 
 def _count_trainable(cfg: TrainConfig) -> int:
@@ -147,14 +153,15 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
     t0 = time.perf_counter()
     for spec in cfg.corpora:
         for seed in cfg.seeds:
-            train_dir, eval_dir = _corpus_dirs(spec, out, seed)
+            train_dir, val_dir, eval_dir = _corpus_dirs(spec, out, seed)
             eval_ds = EncodedDataset(eval_dir)
             for arm in cfg.arms:
                 run_dir = out / "runs" / spec.kind / f"seed{seed}" / arm
                 acfg = arm_config(base_train, arm, run_dir, rank)
                 acfg.seed = seed
                 acfg.model.init_seed = seed
-                acfg.data = dataclasses.replace(acfg.data, train=str(train_dir), eval=str(eval_dir))
+                acfg.data = dataclasses.replace(acfg.data, train=str(train_dir),
+                                                eval=str(val_dir) if val_dir else None)
                 done = (run_dir / "summary.json").is_file() and \
                     json.loads((run_dir / "summary.json").read_text()).get("steps") == acfg.steps
                 if not done:
