@@ -115,10 +115,11 @@ def arm_config(base: TrainConfig, arm: str, run_dir: Path, lora_rank: int | None
         cfg.ttt = dataclasses.replace(cfg.ttt, persistent_states=False)
     elif arm == "B":
         cfg.ttt = dataclasses.replace(cfg.ttt, persistent_states=True)
-    else:  # C: the same base model without TTT, a LoRA budget instead
+    else:  # C: the same base model without TTT, a LoRA of about the same size instead
         cfg.ttt = dataclasses.replace(cfg.ttt, layers="none")
         cfg.lora = dataclasses.replace(cfg.lora, enable=True, rank=lora_rank or cfg.lora.rank)
-        cfg.trainable = "ttt+lora"
+        if cfg.trainable != "full":  # with "full", C trains everything too, plus the LoRA
+            cfg.trainable = "ttt+lora"
     cfg.validate()
     return cfg
 
