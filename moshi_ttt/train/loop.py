@@ -308,7 +308,8 @@ class Trainer:
 
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
         blocks = ttt_blocks(self.model)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
+        # disable=None: no bar when stderr is not a terminal (log files, CI).
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (cfg.progress and self.dist.is_main) else True,
                    desc="train", unit="step", dynamic_ncols=True)
         it = iter(self.stream)
         last: dict[str, Any] = {}
