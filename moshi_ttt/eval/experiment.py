@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..data.dataset import EncodedDataset
 from ..data.synthetic import SynthConfig, write_corpus
-from ..train.config import ConfigError, TrainConfig, apply_overrides, build, to_dict
+from ..train.config import ConfigError, TrainConfig, build, read_yaml, to_dict
 from .evaluate import evaluate
 
 
@@ -66,14 +64,7 @@ ARM_TRAIN_MODE = {"A": "reset", "B": "persistent", "C": "none"}
 
 
 def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"experiment config not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-    data = apply_overrides(data, overrides or [])
-    cfg = build(ExperimentConfig, data)
+    cfg = build(ExperimentConfig, read_yaml(path, overrides))
     unknown = [a for a in cfg.arms if a not in ARM_TRAIN_MODE]
     if unknown:
         raise ConfigError(f"arms: unknown arm(s) {unknown}; use A, B, C")

@@ -208,7 +208,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (None: empty) with ``--set`` overrides applied; errors name the file."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -220,7 +221,11 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
+    return apply_overrides(data, overrides or [])
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data = read_yaml(path, overrides)
     cfg = build(TrainConfig, data)
     cfg.validate()
     return cfg
