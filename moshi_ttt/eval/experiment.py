@@ -152,8 +152,8 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
                 acfg = arm_config(base_train, arm, run_dir, rank)
                 acfg.seed = seed
                 acfg.model.init_seed = seed
-                acfg.data = dataclasses.replace(acfg.data, train=str(train_dir),
-                                                eval=str(val_dir) if val_dir else None)
+                acfg = dataclasses.replace(acfg, data=dataclasses.replace(
+                    acfg.data, train=str(train_dir), eval=str(val_dir) if val_dir else None))
                 done = (run_dir / "summary.json").is_file() and \
                     json.loads((run_dir / "summary.json").read_text()).get("steps") == acfg.steps
                 if not done:

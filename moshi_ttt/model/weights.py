@@ -31,7 +31,7 @@ TTT_WEIGHTS_NAME = "ttt.safetensors"
 TTT_CONFIG_NAME = "ttt_config.json"
 
 # Keys of moshi's config.json that name files or generation defaults, not LMModel arguments
-# (moshi.models.loaders.CheckpointInfo.from_hf_repo pops the same ones).
+# (moshi's loaders.CheckpointInfo pops the same ones when it reads a repository's config).
 _NON_LM_KEYS = {"moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
                 "lm_gen_config", "tts_config", "stt_config", "model_id"}
 
