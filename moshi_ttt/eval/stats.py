@@ -142,58 +142,20 @@ class ChunkCurve:
     n: list[int]
 
 
-def chunk_curve(results: Sequence[EvalResult], field_name: str = "loss") -> ChunkCurve | None:
-    """Per-chunk-index mean across files of a chunk field ("loss", "state_drift", "recall_loss", ...).
-
-    Seeds of one condition are first averaged per (file, chunk); chunks where the field is null
-    are skipped. Returns None when no chunk has the field.
-    """
-    per_file: dict[tuple[str, int], list[float]] = {}
+def _per_file_chunk(results: Sequence[EvalResult], field_name: str) -> dict[tuple[str, int], float]:
+    """Mean over seeds of a chunk field per (file, chunk); null values are skipped."""
+    acc: dict[tuple[str, int], list[float]] = {}
     for r in results:
         for f in r.files:
             for c in f.chunks:
                 v = getattr(c, field_name)
                 if v is not None:
-                    per_file.setdefault((f.file_id, c.chunk_index), []).append(float(v))
-    if not per_file:
-        return None
-    by_chunk: dict[int, list[float]] = {}
-    for (_, k), vals in per_file.items():
-        by_chunk.setdefault(k, []).append(float(np.mean(vals)))
-    curve = ChunkCurve([], [], [], [], [])
-    for k in sorted(by_chunk):
-        s = mean_ci(by_chunk[k])
-        curve.chunk_index.append(k)
-        curve.mean.append(s.mean)  # type: ignore[arg-type]
-        curve.low.append(s.low)
-        curve.high.append(s.high)
-        curve.n.append(s.n)
-    return curve
+                    acc.setdefault((f.file_id, c.chunk_index), []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-def paired_chunk_curve(x_results: Sequence[EvalResult], y_results: Sequence[EvalResult],
-                       field_name: str = "loss") -> ChunkCurve | None:
-    """Per-chunk-index mean across files of the paired difference Y - X of a chunk field.
-
-    Pairing by (file, chunk) removes the between-file spread that dominates the bands of
-    :func:`chunk_curve`, so this curve shows where along a file Y differs from X. Seeds are averaged
-    per (file, chunk) first; (file, chunk) pairs missing or null in either arm are skipped.
-    """
-
-    def per_chunk(results: Sequence[EvalResult]) -> dict[tuple[str, int], float]:
-        acc: dict[tuple[str, int], list[float]] = {}
-        for r in results:
-            for f in r.files:
-                for c in f.chunks:
-                    v = getattr(c, field_name)
-                    if v is not None:
-                        acc.setdefault((f.file_id, c.chunk_index), []).append(float(v))
-        return {k: float(np.mean(v)) for k, v in acc.items()}
-
-    xs, ys = per_chunk(x_results), per_chunk(y_results)
-    by_chunk: dict[int, list[float]] = {}
-    for key in sorted(set(xs) & set(ys)):
-        by_chunk.setdefault(key[1], []).append(ys[key] - xs[key])
+def _curve(by_chunk: dict[int, list[float]]) -> ChunkCurve | None:
+    """Mean and 95% CI across files per chunk index."""
     if not by_chunk:
         return None
     curve = ChunkCurve([], [], [], [], [])
@@ -205,6 +167,33 @@ def paired_chunk_curve(x_results: Sequence[EvalResult], y_results: Sequence[Eval
         curve.high.append(s.high)
         curve.n.append(s.n)
     return curve
+
+
+def chunk_curve(results: Sequence[EvalResult], field_name: str = "loss") -> ChunkCurve | None:
+    """Per-chunk-index mean across files of a chunk field ("loss", "state_drift", "recall_loss", ...).
+
+    Seeds of one condition are first averaged per (file, chunk); chunks where the field is null
+    are skipped. Returns None when no chunk has the field.
+    """
+    by_chunk: dict[int, list[float]] = {}
+    for (_, k), v in _per_file_chunk(results, field_name).items():
+        by_chunk.setdefault(k, []).append(v)
+    return _curve(by_chunk)
+
+
+def paired_chunk_curve(x_results: Sequence[EvalResult], y_results: Sequence[EvalResult],
+                       field_name: str = "loss") -> ChunkCurve | None:
+    """Per-chunk-index mean across files of the paired difference Y - X of a chunk field.
+
+    Pairing by (file, chunk) removes the between-file spread that dominates the bands of
+    :func:`chunk_curve`, so this curve shows where along a file Y differs from X. Seeds are averaged
+    per (file, chunk) first; (file, chunk) pairs missing or null in either arm are skipped.
+    """
+    xs, ys = _per_file_chunk(x_results, field_name), _per_file_chunk(y_results, field_name)
+    by_chunk: dict[int, list[float]] = {}
+    for key in sorted(set(xs) & set(ys)):
+        by_chunk.setdefault(key[1], []).append(ys[key] - xs[key])
+    return _curve(by_chunk)
 
 
 # ---- paired comparison ------------------------------------------------------------------------
