@@ -32,11 +32,12 @@ SYNTH_HELP = """\
 Write the synthetic long-memory corpus (same on-disk format as `prepare`).
 
 Each file: a file-specific background "voice", one random motif shown near the start and recalled
-after gaps longer than the attention context, cued by markers in the user stream; recall_mask
-marks the recall targets, which no model with a context shorter than the gap can predict better
-than chance. --control writes the variant with fresh motifs at every recall (same statistics, no
-long-range dependence). Defaults fit the tiny preset (4 layers, context 32): every gap exceeds
-attention's stacked reach, 4*(32-1) + 2 + 1 = 127 frames.
+after gaps at least attention's reach (num_layers*(context-1) + 2 + max_delay frames: how far the
+stacked sliding windows carry information), cued by markers in the user stream; recall_mask marks
+the recall targets, which no attention-only model of that reach can predict better than chance.
+--control writes the variant with fresh motifs at every recall (same statistics, no long-range
+dependence). Defaults fit the tiny preset (4 layers, context 32, reach 4*(32-1) + 2 + 1 = 127):
+gaps of 135-151 frames, files of 330-469 frames.
 
 --task kv writes the positive-control ladder instead (moshi_ttt.data.ladder): per file
 --num-bindings random keys (user codes below --num-keys) with random values. An occurrence puts the
@@ -128,12 +129,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--num-layers", type=int, default=None, help="attention layers (default: the preset's)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     s.add_argument("--num-files", type=int, default=64, help="number of files (default: %(default)s)")
-    s.add_argument("--frames-min", type=int, default=None, help="shortest file in frames (default: 6 x context)")
-    s.add_argument("--frames-max", type=int, default=None, help="longest file in frames (default: 8 x context)")
+    s.add_argument("--frames-min", type=int, default=None,
+                   help="shortest file in frames (default: room for two recalls)")
+    s.add_argument("--frames-max", type=int, default=None, help="longest file in frames (default: one gap more)")
     s.add_argument("--context", type=int, default=None, help="attention context in frames (default: the preset's)")
     s.add_argument("--motif-len", type=int, default=4, help="frames per motif (default: %(default)s)")
-    s.add_argument("--gap-min", type=int, default=None, help="min frames between occurrences (default: context + 8)")
-    s.add_argument("--gap-max", type=int, default=None, help="max frames between occurrences (default: context + 24)")
+    s.add_argument("--gap-min", type=int, default=None,
+                   help="min frames between occurrences, >= the reach (default: reach + 8)")
+    s.add_argument("--gap-max", type=int, default=None, help="max frames between occurrences (default: reach + 24)")
     s.add_argument("--voice-size", type=int, default=8,
                    help="codes per stream in a file's voice (default: %(default)s)")
     s.add_argument("--control", action="store_true",
@@ -225,9 +228,7 @@ def run_synth(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed, "num_files": args.num_files, "context": context, "motif_len": args.motif_len,
                  "gap_min": args.gap_min, "gap_max": args.gap_max, "voice_size": args.voice_size,
                  "control": args.control}
-    frames_max = args.frames_max or 8 * context
-    overrides["frames_max"] = frames_max
-    overrides["frames_min"] = args.frames_min or min(6 * context, frames_max)
+    overrides["frames_min"], overrides["frames_max"] = args.frames_min, args.frames_max
     try:
         cfg = SynthConfig.from_lm_kwargs(kw, **overrides)
     except ValueError as e:
@@ -235,7 +236,8 @@ def run_synth(args: argparse.Namespace) -> int:
         return 2
     write_corpus(cfg, args.out, progress=not args.quiet)
     kind = "control" if cfg.control else "memory"
-    print(f"wrote {cfg.num_files} synthetic ({kind}) file(s) to {args.out}", file=sys.stderr)
+    print(f"wrote {cfg.num_files} synthetic ({kind}) file(s) to {args.out}: reach {cfg.reach} frames, gaps "
+          f"{cfg.gap_min}-{cfg.gap_max}", file=sys.stderr)
     return 0
 
 
