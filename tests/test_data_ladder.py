@@ -91,6 +91,7 @@ def test_written_files_carry_rungs_through_the_chunk_stream(tmp_path):
     meta = ds.meta["synthetic"]
     assert meta["task"] == "kv" and meta["reach"] == 17 and meta["chunk_frames"] == 32
     assert meta["span_chunks"] == 4 and meta["control"] is False
+    assert LadderConfig.from_meta(meta) == CFG
     assert len(meta["chance_nats"]["per_row"]) == 1 + CFG.dep_q
     expect = {str(k): sum(generate_ladder_file(CFG, i).rung_counts()[k] for i in range(4)) for k in range(4)}
     assert meta["rung_counts"] == expect

@@ -3,7 +3,7 @@ the synthetic long-memory corpus and the key -> value ladder. See ``moshi_ttt/da
 """
 
 from .dataset import CodesLayout, EncodedDataset, EncodedDatasetWriter, EncodedFile, FileEntry
-from .ladder import LadderConfig, LadderFile, generate_ladder_file, read_rung, write_ladder
+from .ladder import RUNG_NAMES, LadderConfig, LadderFile, generate_ladder_file, read_rung, write_ladder
 from .manifest import ManifestEntry, Word, read_alignment, read_manifest
 from .mimi import MimiEncoder, MimiSpec, benchmark_encode, build_mimi, tiny_mimi
 from .prepare import CodeCache, PrepareConfig, PrepareResult, load_stereo, prepare
@@ -14,7 +14,7 @@ from .text import TextConfig, interleave, place_tokens, text_stream
 
 __all__ = [
     "CodesLayout", "EncodedDataset", "EncodedDatasetWriter", "EncodedFile", "FileEntry",
-    "LadderConfig", "LadderFile", "generate_ladder_file", "read_rung", "write_ladder",
+    "RUNG_NAMES", "LadderConfig", "LadderFile", "generate_ladder_file", "read_rung", "write_ladder",
     "ManifestEntry", "Word", "read_alignment", "read_manifest",
     "MimiEncoder", "MimiSpec", "benchmark_encode", "build_mimi", "tiny_mimi",
     "CodeCache", "PrepareConfig", "PrepareResult", "load_stereo", "prepare",

@@ -57,7 +57,7 @@ text words, as in :mod:`moshi_ttt.data.synthetic`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +69,10 @@ from ..model.reach import stacked_reach
 from .dataset import CodesLayout, EncodedDatasetWriter
 
 Background = Literal["zero", "voice"]
+
+#: What each measured rung tests (for reports).
+RUNG_NAMES = {1: "within attention's reach", 2: "beyond the reach, same training span",
+              3: "beyond the reach, across spans"}
 
 
 @dataclass
@@ -165,6 +169,14 @@ class LadderConfig:
         }
         kw.update(overrides)
         return cls(**kw)
+
+    @classmethod
+    def from_meta(cls, synthetic: dict[str, Any]) -> LadderConfig:
+        """The config back from ``dataset.json["synthetic"]`` of a ladder corpus (extra keys ignored)."""
+        if synthetic.get("task") != "kv":
+            raise ValueError(f"not a kv ladder corpus (task={synthetic.get('task')!r})")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in synthetic.items() if k in names})
 
     @property
     def max_delay(self) -> int:
