@@ -51,7 +51,8 @@ current span is kept for its rung-3 read. Labels are then computed from the actu
 
 **Background**: ``"zero"`` (zero entropy: text padding, one constant code per audio row and per
 user row, the key row's constant not a key) or ``"voice"`` (file-specific code subsets and random
-text words, as in :mod:`moshi_ttt.data.synthetic`).
+text words, as in :mod:`moshi_ttt.data.synthetic`, without end-of-padding markers: the text stream
+is synthetic, and a marker before each value would only add unpredictable tokens).
 """
 
 from __future__ import annotations
