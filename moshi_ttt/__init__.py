@@ -13,11 +13,12 @@ from typing import Any
 from .ttt import TTTConfig, TTTState, init_state, ttt_mlp
 
 __version__ = "0.1.0"
-__all__ = ["TTTConfig", "TTTState", "init_state", "ttt_mlp", "build_lm", "tiny_lm_kwargs", "__version__"]
+__all__ = ["TTTConfig", "TTTState", "init_state", "ttt_mlp", "build_lm", "tiny_lm_kwargs", "memory_lm_kwargs",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("build_lm", "tiny_lm_kwargs"):
+    if name in ("build_lm", "tiny_lm_kwargs", "memory_lm_kwargs"):
         from .model import build as _build
 
         return getattr(_build, name)
