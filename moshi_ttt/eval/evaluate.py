@@ -22,6 +22,7 @@ from ..model.build import memory_mode, ttt_blocks
 from ..model.chunked import ChunkedLM
 
 EvalMode = Literal["persistent", "reset", "none"]
+RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
 
 
 def _lane_drift(model) -> torch.Tensor | None:
@@ -59,6 +60,7 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     ctx = memory_mode(model, persistent=(mode != "reset"), chunk_frames=chunk_frames)
     with ctx, ChunkedLM(model, lanes) as runner:
         recall_tail = torch.zeros(lanes, max_delay, dtype=torch.bool, device=device)
+        rung_tail = torch.zeros(lanes, max_delay, dtype=torch.long, device=device)
         for batch in tqdm(stream, disable=not progress, desc=f"eval ({mode})", unit="chunk"):
             batch = batch.to(device)
             out = runner.step(batch.codes, batch.reset, batch.valid)
@@ -69,6 +71,12 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             idx = (max_delay + out.target_frame).to(device)                        # [1 + dep_q, C]
             rec = ext[:, idx]                                                        # [B, 1 + dep_q, C]
             recall_tail = ext[:, -max_delay:] if max_delay else recall_tail
+            # Ladder corpora: the rung of each token's target frame, mapped like the recall mask.
+            rung = batch.recall_rung if batch.recall_rung is not None else torch.zeros_like(batch.codes[:, 0])
+            rung_tail = torch.where(batch.reset.view(-1, 1), torch.zeros_like(rung_tail), rung_tail)
+            ext_r = torch.cat([rung_tail, rung.to(device)], 1)
+            rr = ext_r[:, idx]                                                       # [B, 1 + dep_q, C]
+            rung_tail = ext_r[:, -max_delay:] if max_delay else rung_tail
             drift = _lane_drift(model)
             for b, fid in enumerate(batch.file_id):
                 if fid is None or not bool(batch.active[b]):
@@ -81,6 +89,12 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
                 rt, ra = rec[b, 0] & tl.text_mask[b], rec[b, 1:] & tl.audio_mask[b]
                 a["recall_sum"] += float((tl.text[b] * rt).sum() + (tl.audio[b] * ra).sum())
                 a["recall_n"] += float(rt.sum() + ra.sum())
+                for r in RUNGS:
+                    rt, ra = (rr[b, 0] == r) & tl.text_mask[b], (rr[b, 1:] == r) & tl.audio_mask[b]
+                    n_r = float(rt.sum() + ra.sum())
+                    if n_r:
+                        a[f"rung{r}_sum"] += float((tl.text[b] * rt).sum() + (tl.audio[b] * ra).sum())
+                        a[f"rung{r}_n"] += n_r
                 if drift is not None:
                     a["drift"] = float(drift[b])
     if was_training:
@@ -98,6 +112,10 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             "recall_loss": a["recall_sum"] / a["recall_n"] if a["recall_n"] else None,
             "recall_tokens": int(a["recall_n"]),
             "state_drift": a.get("drift"),
+            # Ladder corpora only: per-rung recall loss (per-token mean) and token counts.
+            **{k: v for r in RUNGS if a.get(f"rung{r}_n")
+               for k, v in ((f"rung{r}_loss", a[f"rung{r}_sum"] / a[f"rung{r}_n"]),
+                            (f"rung{r}_tokens", int(a[f"rung{r}_n"])))},
         })
     return {
         "format": "moshi-ttt-eval", "version": 1, "eval_mode": mode, "chunk_frames": chunk_frames,

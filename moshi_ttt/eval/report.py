@@ -173,7 +173,8 @@ def _group(evals: Sequence[EvalResult]) -> dict[str, _Corpus]:
     """Group results by corpus and condition; check that arms and seeds are unambiguous."""
     corpora: dict[str, _Corpus] = {}
     for r in evals:
-        c = corpora.setdefault(r.corpus, _Corpus(r.corpus, {}, {}, []))
+        name = str(r.extra.get("corpus_name") or r.corpus)  # two corpora of one kind stay apart
+        c = corpora.setdefault(name, _Corpus(name, {}, {}, []))
         c.groups.setdefault(r.condition, []).append(r)
     for c in corpora.values():
         for cond, rs in c.groups.items():

@@ -61,13 +61,30 @@ def recall_target_loss(file: FileResult) -> float | None:
     return float((losses * tokens).sum() / tokens.sum())
 
 
+def rung_loss(rung: int) -> Callable[[FileResult], float | None]:
+    """Per-file metric of a ladder corpus: token-weighted mean loss of the recall targets of one
+    rung (``rung{r}_loss`` / ``rung{r}_tokens`` of the chunks); None if the file has none."""
+    def fn(file: FileResult) -> float | None:
+        num = den = 0.0
+        for c in file.chunks:
+            n = c.extra.get(f"rung{rung}_tokens", 0)
+            if n:
+                num += float(c.extra[f"rung{rung}_loss"]) * n
+                den += n
+        return num / den if den else None
+
+    return fn
+
+
 METRICS: dict[str, Callable[[FileResult], float | None]] = {
     "later_chunk_loss": later_chunk_loss,
     "recall_loss": recall_target_loss,
+    **{f"rung{r}_loss": rung_loss(r) for r in (1, 2, 3)},
 }
 METRIC_TITLES = {
     "later_chunk_loss": "later-chunk loss (chunks >= 1)",
     "recall_loss": "recall-target loss",
+    **{f"rung{r}_loss": f"rung {r} recall loss" for r in (1, 2, 3)},
 }
 
 
