@@ -24,6 +24,29 @@ from ..model.chunked import ChunkedLM
 EvalMode = Literal["persistent", "reset", "none"]
 
 
+LOSS_DEFINITION = "per-token loss: cross-entropy in nats averaged over all text and audio tokens"
+
+
+def corpus_kind(dataset: EncodedDataset) -> str:
+    """``long-memory`` or ``control`` for a synthetic corpus (from its ``dataset.json``), else ``real``."""
+    synth = getattr(dataset, "meta", {}).get("synthetic")
+    if isinstance(synth, dict):
+        return "control" if synth.get("control") or synth.get("kind") == "control" else "long-memory"
+    return "real"
+
+
+def recall_chance_nats(dataset: EncodedDataset, text_n: float, audio_n: float) -> float | None:
+    """Token-weighted chance level of the recall targets (uniform guess per alphabet), or None.
+
+    Known only for the synthetic corpus, whose ``dataset.json`` records ``chance_nats`` per stream.
+    """
+    synth = getattr(dataset, "meta", {}).get("synthetic")
+    nats = synth.get("chance_nats") if isinstance(synth, dict) else None
+    if not isinstance(nats, dict) or text_n + audio_n <= 0:
+        return None
+    return (text_n * float(nats["text"]) + audio_n * float(nats["audio"])) / (text_n + audio_n)
+
+
 def _lane_drift(model) -> torch.Tensor | None:
     """Mean over TTT layers of ``|W_state - W_base| / |W_base|`` per lane: [B] or None."""
     drifts = [b.layer.state_drift(b._streaming_state.memory) for b in ttt_blocks(model).values()
@@ -55,6 +78,7 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     device = next(model.parameters()).device
     max_delay = max(model.delays)
     acc: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    recall_text_n = recall_audio_n = 0.0
     num_frames = {f.file_id: f.num_frames for f in files}
     ctx = memory_mode(model, persistent=(mode != "reset"), chunk_frames=chunk_frames)
     with ctx, ChunkedLM(model, lanes) as runner:
@@ -81,6 +105,8 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
                 rt, ra = rec[b, 0] & tl.text_mask[b], rec[b, 1:] & tl.audio_mask[b]
                 a["recall_sum"] += float((tl.text[b] * rt).sum() + (tl.audio[b] * ra).sum())
                 a["recall_n"] += float(rt.sum() + ra.sum())
+                recall_text_n += float(rt.sum())
+                recall_audio_n += float(ra.sum())
                 if drift is not None:
                     a["drift"] = float(drift[b])
     if was_training:
@@ -99,8 +125,11 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             "recall_tokens": int(a["recall_n"]),
             "state_drift": a.get("drift"),
         })
+    chance = recall_chance_nats(dataset, recall_text_n, recall_audio_n)
     return {
         "format": "moshi-ttt-eval", "version": 1, "eval_mode": mode, "chunk_frames": chunk_frames,
+        "loss_definition": LOSS_DEFINITION,
+        **({"recall_chance_nats": chance} if chance is not None else {}),
         "context": getattr(model.transformer.layers[0].self_attn, "context", None),
         **(meta or {}),
         "files": [{"file_id": fid, "num_frames": num_frames[fid], "chunks": chunks}
