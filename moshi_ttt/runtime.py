@@ -83,7 +83,7 @@ def load_warning(threads: int | None = None) -> str | None:
     if load is None or load <= BUSY_LOAD_PER_CPU * cpus:
         return None
     return (f"WARNING: machine load {load:.1f} on {cpus} CPUs: other jobs are running, timings below are "
-            f"pessimistic and vary" + (f" ({threads} torch threads)" if threads else ""))
+            f"pessimistic and vary" + (f" ({threads} torch thread(s))" if threads else ""))
 
 
 def machine_state() -> dict[str, Any]:
