@@ -22,6 +22,7 @@ from typing import Any
 # Above this load per core, timings measure the other jobs as much as ours.
 BUSY_LOAD_PER_CPU = 0.5
 THREADS_ENV = "MOSHI_TTT_THREADS"
+_ANNOUNCED: int | None = None  # the thread count last printed (print once per process)
 
 
 def cpu_count() -> int:
@@ -69,9 +70,11 @@ def setup_threads(requested: int | None = None, announce: bool = True, stream: A
     """
     import torch
 
+    global _ANNOUNCED
     n, why = choose_threads(requested)
     torch.set_num_threads(n)
-    if announce:
+    if announce and _ANNOUNCED != n:
+        _ANNOUNCED = n
         print(f"threads: {n} of {cpu_count()} CPUs ({why}; set {THREADS_ENV}=N to choose)",
               file=stream or sys.stderr)
     return n
