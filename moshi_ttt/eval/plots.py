@@ -50,7 +50,7 @@ def _band(ax: Any, curve: ChunkCurve, label: str, color: str | None = None) -> N
 
 
 def plot_loss_by_chunk(curves: Mapping[str, ChunkCurve], path: str | Path, title: str = "Loss by chunk",
-                       ylabel: str = "mean loss per token", differences: Mapping[str, ChunkCurve] | None = None,
+                       ylabel: str = "per-token loss (nats)", differences: Mapping[str, ChunkCurve] | None = None,
                        reference: str | None = None) -> Path:
     """Mean loss vs chunk index, one line per condition (arm / eval mode), 95% CI bands across files.
 
@@ -169,7 +169,8 @@ def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
     """
     keys = ["loss"] + [k for k in ("ttt_state_drift", "gate_mean")
                        if any(_series(rows, k)[0].size for rows in logs.values())]
-    ylabels = {"loss": "training loss", "ttt_state_drift": "TTT state drift", "gate_mean": "mean gate tanh(alpha)"}
+    ylabels = {"loss": "training loss (text + audio)", "ttt_state_drift": "TTT state drift",
+               "gate_mean": "mean gate tanh(alpha)"}
     fig = Figure(figsize=(7.5, 3.2 * len(keys)))
     axes = [fig.add_subplot(len(keys), 1, i + 1) for i in range(len(keys))]
     longest = max((len(rows) for rows in logs.values()), default=0)
@@ -223,7 +224,7 @@ def plot_per_position(per_position: Mapping[str, PerPosition], path: str | Path,
     for label, pp in per_position.items():
         ax.plot(pp.bins, pp.loss, marker="o", markersize=3, label=label, **_style(label))
     ax.set_xlabel("frame position within chunk (bin start)")
-    ax.set_ylabel("mean loss per token")
+    ax.set_ylabel("per-token loss (nats)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if per_position:

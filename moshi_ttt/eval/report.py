@@ -377,7 +377,7 @@ def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plot
         if bars["later_chunk_loss"]:
             figures["later_chunk_loss"] = plots.plot_metric_bars(
                 bars["later_chunk_loss"], out_dir / f"later_chunk_loss_{slug}.png",
-                title=f"Later-chunk loss per arm ({c.name} corpus)", ylabel="mean loss per token, chunks >= 1").name
+                title=f"Later-chunk loss per arm ({c.name} corpus)", ylabel="per-token loss (nats), chunks >= 1").name
         if drift_curves:
             figures["state_drift"] = plots.plot_state_drift(
                 drift_curves, out_dir / f"state_drift_{slug}.png",
@@ -491,7 +491,7 @@ def _corpus_md(name: str, res: dict[str, Any]) -> list[str]:
     elif any(s_["recall_loss"].mean is not None for s_ in res["conditions"].values()):
         L += ["Chance level of the recall-target loss: unknown (not recorded in the evaluation files).", ""]
     L += ["### Conditions", "",
-          "| condition | role | train mode | eval mode | seeds | files | later-chunk loss [95% CI] | "
+          "| condition | role | train mode | eval mode | training seeds | files | later-chunk loss [95% CI] | "
           "recall-target loss [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for label, s in res["conditions"].items():
         L.append(f"| {label} | {s['role']} | {s['train_mode']} | {s['eval_mode']} | "
@@ -672,13 +672,17 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
         # First thing a reader sees: nothing below can be read as a decision.
         L += [f"**{AT_CHANCE_STATEMENT[0].upper() + AT_CHANCE_STATEMENT[1:]}.**", ""]
     L += ["Does carrying the TTT memory state across chunks of a long recording (persistent) help, hurt, or do "
-          "nothing, compared with resetting it every chunk, and with no TTT at all?", ""]
+          "nothing, compared with resetting it every chunk, and with no TTT at all?", "",
+          "Every loss in this report is a per-token loss: cross-entropy in nats averaged over the tokens "
+          "concerned (all text and audio tokens, or the recall targets only), lower is better. The training "
+          "table is the exception: the training loss is the text loss plus the audio loss.", ""]
     L += conclusion
     for name, res in corpora.items():
         L += _corpus_md(name, res)
     if train is not None:
         L += ["## Training", "",
-              "| arm | logged rows | last step | final loss (mean of last 10%) | non-finite losses |",
+              "| arm | logged rows | last step | final training loss, text + audio (mean of last 10%) | "
+              "non-finite losses |",
               "|---|---|---|---|---|"]
         for arm, t in train.items():
             L.append(f"| {arm} | {t['rows']} | {t['last_step']} | {fmt_loss(t['final_loss'])} | "
