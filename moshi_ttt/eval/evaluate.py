@@ -20,6 +20,7 @@ from ..data.dataset import EncodedDataset
 from ..data.stream import ChunkStream
 from ..model.build import memory_mode, ttt_blocks
 from ..model.chunked import ChunkedLM
+from ..runtime import PeriodicLog, is_terminal
 
 EvalMode = Literal["persistent", "reset", "none"]
 
@@ -83,7 +84,11 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     ctx = memory_mode(model, persistent=(mode != "reset"), chunk_frames=chunk_frames)
     with ctx, ChunkedLM(model, lanes) as runner:
         recall_tail = torch.zeros(lanes, max_delay, dtype=torch.bool, device=device)
-        for batch in tqdm(stream, disable=not progress, desc=f"eval ({mode})", unit="chunk"):
+        # A bar on a terminal; in a log file, a line a minute instead (never silent, never a bar's redraws).
+        log = PeriodicLog(f"eval ({mode}) chunks", every_s=60.0) if progress else None
+        for batch in tqdm(stream, disable=not (progress and is_terminal()), desc=f"eval ({mode})", unit="chunk"):
+            if log is not None:
+                log.update(1)
             batch = batch.to(device)
             out = runner.step(batch.codes, batch.reset, batch.valid)
             tl = out.losses
