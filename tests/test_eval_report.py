@@ -364,3 +364,19 @@ def test_chance_verdict_unit():
     assert chance_verdict(learned, 4.16) is None
     # Below chance by less than the margin is still chance.
     assert chance_verdict({"A": MeanCI(16, 4.13, 4.12, 4.14)}, 4.16) == AT_CHANCE_STATEMENT
+
+
+def test_plot_axes_are_sized_to_the_data():
+    from types import SimpleNamespace
+
+    from moshi_ttt.eval.plots import contrast_limits, metric_limits
+    from moshi_ttt.eval.stats import MeanCI
+
+    # Recall losses 4.15-4.19 and chance 4.16: the axis spans them, not 0..4.2 (equal-looking bars).
+    lo, hi = metric_limits([MeanCI(16, 4.17, 4.15, 4.19), MeanCI(16, 4.18, 4.16, 4.20)], chance=4.09)
+    assert 4.0 < lo < 4.09 and 4.20 < hi < 4.3
+    # +-0.6% estimates are not squeezed against a -10% threshold: the axis stays within a few percent.
+    comps = [SimpleNamespace(rel_change=0.003, rel_ci_low=-0.0001, rel_ci_high=0.0059),
+             SimpleNamespace(rel_change=-0.006, rel_ci_low=-0.012, rel_ci_high=0.0)]
+    lo, hi = contrast_limits(comps)
+    assert -2.0 < lo < -1.2 and 0.59 < hi < 1.0

@@ -93,6 +93,20 @@ def _padded(lo: float, hi: float, frac: float = 0.15) -> tuple[float, float]:
     return lo - frac * span, hi + frac * span
 
 
+def metric_limits(values: Sequence[MeanCI], chance: float | None = None) -> tuple[float, float]:
+    """y limits of a per-arm plot: every mean, CI bound and the chance line, with a margin (not from 0)."""
+    extent = [v for ci in values for v in (ci.mean, ci.low, ci.high) if v is not None]
+    extent += [chance] if chance is not None else []
+    return _padded(min(extent), max(extent)) if extent else (0.0, 1.0)
+
+
+def contrast_limits(comparisons: Sequence[Comparison]) -> tuple[float, float]:
+    """x limits (percent) of the forest plot: 0, every estimate and CI bound, with a margin."""
+    xs = [0.0] + [100 * v for c in comparisons for v in (c.rel_change, c.rel_ci_low, c.rel_ci_high)
+                  if v is not None]
+    return _padded(min(xs), max(xs))
+
+
 def plot_metric_bars(values: Mapping[str, MeanCI], path: str | Path, title: str = "Recall-target loss",
                      ylabel: str = "mean recall-target loss per token (nats)", chance: float | None = None) -> Path:
     """Mean of a per-file metric per condition, 95% CI error bars, ``n`` files in the tick labels.
@@ -119,8 +133,7 @@ def plot_metric_bars(values: Mapping[str, MeanCI], path: str | Path, title: str 
                    label=f"chance (uniform guess): {chance:.3f}")
         ax.legend(fontsize=8, loc="best")
     if labels:
-        extent = [*lows, *highs] + ([chance] if chance is not None else [])
-        ax.set_ylim(*_padded(min(extent), max(extent)))
+        ax.set_ylim(*metric_limits([values[k] for k in labels], chance))
         ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_xticks(xpos, [f"{k}\n(n={values[k].n})" for k in labels], rotation=0, fontsize=8)
     ax.set_ylabel(ylabel)
@@ -250,7 +263,6 @@ def plot_contrasts(comparisons: Mapping[str, Comparison], path: str | Path,
     labels = list(comparisons)
     fig = Figure(figsize=(7.5, 0.55 * len(labels) + 1.8))
     ax = fig.add_subplot()
-    xs: list[float] = [0.0]
     used: dict[str, tuple[str, str]] = {}
     for i, k in enumerate(labels):
         c = comparisons[k]
@@ -261,10 +273,8 @@ def plot_contrasts(comparisons: Mapping[str, Comparison], path: str | Path,
         used[color] = (color, meaning)
         if c.rel_ci_low is not None and c.rel_ci_high is not None:
             ax.plot([100 * c.rel_ci_low, 100 * c.rel_ci_high], [y, y], color=color, linewidth=2)
-            xs += [100 * c.rel_ci_low, 100 * c.rel_ci_high]
         ax.plot([100 * c.rel_change], [y], "o", color=color)
-        xs.append(100 * c.rel_change)
-    lo, hi = _padded(min(xs), max(xs))
+    lo, hi = contrast_limits(list(comparisons.values()))
     ax.axvline(0, color="black", linewidth=0.8)
     handles = [Line2D([], [], color=c, marker="o", linewidth=2, label=m) for c, m in used.values()]
     thr = -100 * threshold
