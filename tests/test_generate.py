@@ -141,3 +141,23 @@ def test_bad_input_is_a_clear_error(tmp_path, make, match, capsys):
         read_user_audio(path)
     assert main(["generate", str(path), "--tiny", "--quiet"]) == 2
     assert "bad.wav" in capsys.readouterr().out
+
+
+def test_generate_library_call_on_an_array_matches_the_file_path(tmp_path):
+    """The library entry point takes a whole array too; same frames, same answer as from a file."""
+    import torch
+
+    from moshi_ttt.model.build import build_lm, tiny_lm_kwargs
+    from moshi_ttt.model.generate import UserAudio, generate
+    from moshi_ttt.model.mimi import random_mimi
+    from moshi_ttt.ttt.config import TTTConfig
+
+    wav = _wav(tmp_path / "talk.wav", 1.5, channels=1)
+    torch.manual_seed(0)
+    model = build_lm(tiny_lm_kwargs(), TTTConfig(layers="all"), dtype=torch.float32).eval()
+    mimi = random_mimi(tiny=True, num_codebooks=model.dep_q, card=model.card)
+    runs = []
+    for frames in (read_user_audio(wav), UserAudio(wav).frames()):
+        torch.manual_seed(1)
+        runs.append(generate(model, mimi, frames, progress=False, keep_text=True))
+    assert runs[0].frames == runs[1].frames == 19 and runs[0].text_tokens == runs[1].text_tokens

@@ -302,12 +302,14 @@ def check_memory_file(path: str | Path) -> None:
 
 
 @torch.no_grad()
-def generate(model, mimi, frames: Iterable[np.ndarray], output: StreamingOutput | None = None,
+def generate(model, mimi, frames: Iterable[np.ndarray] | np.ndarray, output: StreamingOutput | None = None,
              memory_in: str | Path | None = None, memory_out: str | Path | None = None, temp: float = 0.8,
              temp_text: float = 0.7, progress: bool = True, total_frames: int | None = None,
              on_frame: Callable[[int, GenerateResult], None] | None = None, keep_text: bool = False
              ) -> GenerateResult:
     """Stream user audio frames (1920 samples each) through Mimi and ``LMGen``.
+
+    ``frames`` may also be a whole recording, ``[samples]`` float32 at 24 kHz (cut into frames here).
 
     Moshi's answer goes to ``output`` frame by frame; the outputs are closed (complete) before the
     memory is saved to ``memory_out``. ``on_frame(i, result_so_far)`` is called after every frame
@@ -317,6 +319,9 @@ def generate(model, mimi, frames: Iterable[np.ndarray], output: StreamingOutput 
     from moshi.models import LMGen
     from tqdm import tqdm
 
+    if isinstance(frames, np.ndarray):
+        total_frames = total_frames or -(-frames.shape[0] // FRAME)
+        frames = frames_of([frames.astype(np.float32, copy=False)])
     device = next(model.parameters()).device
     gen = LMGen(model, temp=temp, temp_text=temp_text)
     n_user = model.num_codebooks - 1 - model.dep_q
