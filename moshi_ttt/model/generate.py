@@ -11,12 +11,12 @@ text), so memory use does not grow with the length of the recording.
 Examples:
 
     moshi-ttt generate talk.wav --tiny                    # random tiny model: noise out, any machine
-    moshi-ttt generate talk.wav --moshi-weights model.safetensors --moshi-config config.json \\
+    moshi-ttt generate talk.wav --moshi-weights model.safetensors --moshi-config configs/moshi7b_config.json \\
         --mimi-weights tokenizer-e351c8d8-checkpoint125.safetensors --tokenizer tokenizer_spm_32k_3.model \\
         --ttt-checkpoint runs/moshi7b_ttt/checkpoints/step_0020000/adapter --memory-out talk_memory.safetensors
 
-The weights are the files of the Hugging Face repository kyutai/moshiko-pytorch-bf16; without a
-config.json, pass configs/moshi7b_config.json (moshi's default 7B configuration). The adapter
+The weights are the files of the Hugging Face repository kyutai/moshiko-pytorch-bf16, which has no
+config.json: pass configs/moshi7b_config.json (moshi's default 7B configuration). The adapter
 folder is written by `moshi-ttt train` into every checkpoint (run_dir/checkpoints/step_N/adapter).
 
 Speed is printed as a real-time factor: seconds of audio per second of compute (above 1x is
