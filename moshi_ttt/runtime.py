@@ -130,7 +130,7 @@ def run_facts(wall_time_s: float | None = None) -> dict[str, Any]:
         moshi_version = None
     from . import __version__
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "wall_time_s": wall_time_s,
             "moshi_ttt": __version__, "git_commit": git_commit(), "moshi": moshi_version,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),

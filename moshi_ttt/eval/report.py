@@ -563,8 +563,9 @@ def _conclusion(corpora: dict[str, dict[str, Any]], sanity: dict[str, Any] | Non
     m = METRIC_TITLES[head["metric"]]
     if head.get("at_chance") and head["metric"] == "recall_loss":
         L += [f"**Verdict: {head['verdict']}.**", "",
-              f"On the {deciding} corpus every arm's {m} is at its chance level "
-              f"({fmt_loss(res['chance']['recall_loss'])} nats): no model learned to recall, so differences "
+              f"On the {deciding} corpus no arm's {m} is credibly below its chance level "
+              f"({fmt_loss(res['chance']['recall_loss'])} nats; at or above it counts as chance): no model "
+              "learned to recall, so differences "
               "between arms measure how each one misses, not memory. The comparisons below are descriptive "
               "only; train longer, with more files or real weights, until at least one arm is below chance."]
     else:
