@@ -1,6 +1,6 @@
 """moshi-ttt: a long-term test-time-training (TTT-MLP) memory for Kyutai's Moshi.
 
-Public contract (DESIGN.md section 6): ``TTTConfig``, ``build_lm``, ``tiny_lm_kwargs``, and the
+Public contract (docs/DESIGN.md section 6): ``TTTConfig``, ``build_lm``, ``tiny_lm_kwargs``, and the
 operator functions ``init_state`` / ``ttt_mlp`` (in ``moshi_ttt.ttt.ops``).
 The Moshi-facing names are imported lazily so that ``moshi_ttt.ttt`` stays usable (and fast to
 import) without touching moshi.

@@ -3,13 +3,14 @@
 For every corpus (by default the synthetic long-memory corpus and its control) and every seed,
 three arms are trained under identical seeds, data order and step counts:
 
-* A: TTT, memory reset every chunk in training (``persistent_states: false``, the seeds' baseline);
+* A: TTT, memory reset every chunk in training (``persistent_states: false``, the baseline);
 * B: TTT, memory carried across the chunks of a file (``persistent_states: true``);
 * C: no TTT; LoRA with about the same number of trainable parameters instead.
 
 A and B are then evaluated in both memory modes (the 2x2 of train mode x eval mode), C once, on
 the same held-out files, and ``report.write_report`` turns the per-file results into statistics
-(paired tests, bootstrap intervals, the seeds' decision rule), plots and ``report.md``.
+(paired tests, bootstrap intervals, the decision rule: keep persistent memory only if it lowers the loss
+significantly and by more than 10%), plots and ``report.md``.
 Training data and evaluation data are disjoint (different generator seeds); nothing is tuned on
 the held-out files.
 """
@@ -230,7 +231,10 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
                     if spec.kind.startswith("kv"):
                         ladder_evals.setdefault(spec.label, []).append(path)
     config = {"experiment": dataclasses.asdict(cfg), "train_base": to_dict(base_train), "lora_rank_C": rank}
-    report = write_report(out / "report", load_evals(eval_paths), logs, config, command, n_boot=cfg.n_boot)
+    from ..runtime import run_facts
+
+    report = write_report(out / "report", load_evals(eval_paths), logs, config, command, n_boot=cfg.n_boot,
+                          facts=run_facts(wall_time_s=time.perf_counter() - t0))
     if ladder_evals:
         kinds = {c.label: c.kind for c in cfg.corpora}
         results = [analyse_ladder(load_evals(paths), name, chance[name], kinds[name] == "kv-control",

@@ -10,7 +10,7 @@ comparisons are paired by ``file_id``. Per file we reduce the chunk results to t
   when the file has none), the tokens that provably need memory beyond the attention window on
   the synthetic long-memory corpus.
 
-Decision rule (seed document 004, "The CRITICAL Unknown"): keep persistence iff the persistent arm
+Decision rule (fixed before the experiment was run): keep persistence iff the persistent arm
 Y is better than the baseline X with two-sided Wilcoxon signed-rank p < 0.05 *and* a relative
 improvement of the mean larger than 10% (``(mean_y - mean_x) / mean_x < -0.10``; losses: lower is
 better). Otherwise keep the simpler X: "no significant difference", "improvement below threshold"
@@ -358,7 +358,7 @@ def _ttest(xs: np.ndarray, ys: np.ndarray, notes: list[str]) -> tuple[float | No
 def decide(rel_change: float | None, median_diff: float, p: float | None, x_name: str, y_name: str,
            subject: str = "persistence", alpha: float = ALPHA, min_rel: float = MIN_REL_IMPROVEMENT
            ) -> tuple[Decision, str]:
-    """The seeds' decision rule on one comparison of losses (lower is better).
+    """The decision rule on one comparison of losses (lower is better).
 
     Returns ``(decision, verdict)``; the verdict is a plain-language sentence that starts with
     "keep {subject}", "no significant difference", "improvement below threshold" or
