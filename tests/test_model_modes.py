@@ -13,8 +13,9 @@ from moshi_ttt.model.weights import load_state_into
 
 
 @pytest.mark.parametrize("persistent", [True, False])
-def test_full_chunked_and_frame_by_frame_agree(persistent):
-    model = tiny_ttt_model(context=8, persistent_states=persistent, chunk_frames=10)
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_full_chunked_and_frame_by_frame_agree(persistent, short_conv):
+    model = tiny_ttt_model(context=8, persistent_states=persistent, chunk_frames=10, short_conv=short_conv)
     seq = random_codes(2, 45, model)
     full, full_logits = model.forward_text(seq)
     chunked = stream_text(model, seq, (7, 13, 1, 19, 5))  # > context, inside TTT mini-batches
@@ -64,8 +65,9 @@ def test_layer_selection():
     assert sorted(ttt_blocks(model)) == [2, 3, 4, 5]
 
 
-def test_reset_streaming_mask_is_per_sample():
-    model = tiny_ttt_model()
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_reset_streaming_mask_is_per_sample(short_conv):
+    model = tiny_ttt_model(short_conv=short_conv)
     seq = random_codes(2, 30, model)
     with model.streaming(2):
         for t in range(20):
@@ -78,8 +80,9 @@ def test_reset_streaming_mask_is_per_sample():
     assert (after[1:] - fresh).abs().max() < 1e-12        # reset sample == a fresh stream
 
 
-def test_exec_mask_is_per_sample():
-    model = tiny_ttt_model()
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_exec_mask_is_per_sample(short_conv):
+    model = tiny_ttt_model(short_conv=short_conv)
     seq = random_codes(2, 30, model)
     junk = random_codes(2, 6, model, seed=7)
     with model.streaming(2):

@@ -34,8 +34,9 @@ def states_equal(a, b):
 
 @pytest.mark.parametrize("persistent", [True, False])
 @pytest.mark.parametrize("rope", [False, True])
-def test_full_chunked_and_frame_by_frame_agree(persistent, rope):
-    layer = make_layer(persistent_states=persistent, chunk_frames=6, rope=rope)
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_full_chunked_and_frame_by_frame_agree(persistent, rope, short_conv):
+    layer = make_layer(persistent_states=persistent, chunk_frames=6, rope=rope, short_conv=short_conv)
     x = torch.randn(2, 20, 16, dtype=D)
     full, st_full = layer(x)
     chunked, st_c = run_chunks(layer, x, (7, 5, 1, 7))
@@ -57,8 +58,9 @@ def test_non_persistent_resets_every_chunk():
     assert (persistent(x)[0][:, 6:] - full[:, 6:]).abs().max() > 1e-6  # the memory did matter
 
 
-def test_batch_samples_are_independent():
-    layer = make_layer()
+@pytest.mark.parametrize("short_conv", [0, 2])
+def test_batch_samples_are_independent(short_conv):
+    layer = make_layer(short_conv=short_conv)
     x = torch.randn(3, 9, 16, dtype=D)
     out, st = layer(x)
     for b in range(3):
@@ -67,8 +69,9 @@ def test_batch_samples_are_independent():
         assert all((t[b:b + 1] - getattr(s1, n)).abs().max() < 1e-12 for n, t in st.items())
 
 
-def test_reset_mask_resets_only_selected_samples():
-    layer = make_layer()
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_reset_mask_resets_only_selected_samples(short_conv):
+    layer = make_layer(short_conv=short_conv)
     x = torch.randn(3, 10, 16, dtype=D)
     _, st = layer(x)
     st2 = layer.reset(st, torch.tensor([False, True, False]))
@@ -83,8 +86,9 @@ def test_reset_mask_resets_only_selected_samples():
     assert (out[1:2] - out_fresh).abs().max() < 1e-12
 
 
-def test_exec_mask_keeps_state_bit_for_bit():
-    layer = make_layer()
+@pytest.mark.parametrize("short_conv", [0, 3])
+def test_exec_mask_keeps_state_bit_for_bit(short_conv):
+    layer = make_layer(short_conv=short_conv)
     x = torch.randn(2, 6, 16, dtype=D)
     _, st = layer(x)
     for n in (1, 3):  # per-token and dual paths
@@ -222,3 +226,21 @@ def test_inplace_streaming_step_respects_exec_mask_at_a_due_reset():
         assert torch.equal(t, getattr(ref_st, n)), n
         assert torch.equal(t[1], getattr(snap, n)[1]), n
     assert st2.pos.tolist() == [1, 4]
+
+
+def test_short_conv_is_a_causal_depthwise_convolution():
+    """The convolution equals torch's conv1d (depthwise, left-padded) on the q/k/v inputs, and it
+    binds neighbouring frames: the key of frame t depends on frame t-1 (and not on t+1)."""
+    layer = make_layer(short_conv=3)
+    x = torch.randn(2, 9, 16, dtype=D)
+    got = layer._short_conv(x, None)
+    xp = torch.nn.functional.pad(x.transpose(1, 2), (2, 0))
+    for c in range(3):
+        ref = torch.nn.functional.conv1d(xp, layer.conv_weight[c].unsqueeze(1), groups=16).transpose(1, 2)
+        assert (got[c] - ref).abs().max() < 1e-12
+    _, xk, _, _ = layer.project(x, torch.zeros(2, dtype=torch.long))
+    x2 = x.clone()
+    x2[:, 4] += 1.0
+    _, xk2, _, _ = layer.project(x2, torch.zeros(2, dtype=torch.long))
+    changed = (xk2 - xk).abs().amax(dim=(0, 1, 3))
+    assert changed[:4].max() == 0 and changed[4] > 0 and changed[5] > 0 and changed[6] > 0 and changed[7] == 0

@@ -106,7 +106,7 @@ class TTTBlock(StreamingModule[TTTBlockState]):
         from ..ttt.diagnostics import inner_loss_at_state
 
         h, before, after = self.probe
-        _, xk, xv, _ = self.layer.project(h, before.pos)
+        _, xk, xv, _ = self.layer.project(h, before.pos, before.conv)
         dt = before.W1.dtype
         args = (xk.to(dt), xv.to(dt), self.layer.ttt_norm_weight.to(dt), self.layer.ttt_norm_bias.to(dt))
         return (float(inner_loss_at_state(*args, before).mean()), float(inner_loss_at_state(*args, after).mean()))

@@ -49,6 +49,10 @@ class TTTConfig:
             keys written minutes apart must match regardless of their position.
         rope_theta: RoPE base when ``rope`` is True.
         init_std: std of the normal init of the learned initial fast weights W1, W2.
+        short_conv: taps of a causal depthwise convolution on the inputs of the inner queries,
+            keys and values (0 or 1: none). With 2 or more, frame t's key can include frame t-1,
+            so that a key at t-1 binds to a value at t (ttt-lm's conv_q/conv_k, fla's short conv).
+            Exact in the three execution modes: its input tail is carried in the state.
     """
 
     enable: bool = True
@@ -64,6 +68,7 @@ class TTTConfig:
     rope: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    short_conv: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +96,8 @@ class TTTConfig:
             raise bad("num_heads", "must be null or an integer >= 1")
         if not isinstance(self.persistent_states, bool):
             raise bad("persistent_states", "must be true or false")
+        if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0:
+            raise bad("short_conv", "must be an integer >= 0 (taps; 0 or 1: no convolution)")
         if self.init_std < 0:
             raise bad("init_std", "must be >= 0")
         _check_layer_spec(self.layers)

@@ -5,6 +5,7 @@ update ``[B, T, dim]`` and the new state. The host adds the update to its residu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -33,7 +34,9 @@ class TTTMLP(nn.Module):
         ttt_norm_weight, ttt_norm_bias [H, d]: inner layer norm (prediction and target);
         W1 [H, d, F], b1 [H, 1, F], W2 [H, F, d], b2 [H, 1, d]: learned initial fast weights;
         post_norm: LayerNorm(dim) before ``wo``;
-        gating_alpha [dim]: per-channel gate ``tanh(alpha)``.
+        gating_alpha [dim]: per-channel gate ``tanh(alpha)``;
+        conv_weight [3, dim, k] (``short_conv`` = k > 1): causal depthwise kernels on the inputs of
+            q, k and v (identity at init); its input tail is carried in the state (``conv``).
     """
 
     def __init__(self, dim: int, num_heads: int, config: TTTConfig, device=None, dtype=None):
@@ -62,6 +65,8 @@ class TTTMLP(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(H, 1, d, **fk))
         self.post_norm = nn.LayerNorm(dim, eps=1e-6, **fk)
         self.gating_alpha = nn.Parameter(torch.empty(dim, **fk))
+        if config.short_conv > 1:  # depthwise causal kernels for the inputs of q, k and v
+            self.conv_weight = nn.Parameter(torch.empty(3, dim, config.short_conv, **fk))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
@@ -82,6 +87,9 @@ class TTTMLP(nn.Module):
         nn.init.zeros_(self.b2)
         self.post_norm.reset_parameters()
         nn.init.constant_(self.gating_alpha, self.config.initial_gating_alpha)
+        if self.config.short_conv > 1:  # identity at init: the current frame only
+            nn.init.zeros_(self.conv_weight)
+            self.conv_weight[..., -1] = 1.0
 
     def base_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.W1, self.b1, self.W2, self.b2
@@ -92,7 +100,10 @@ class TTTMLP(nn.Module):
         ``dtype`` lets the state run in a wider type than the parameters (fp32 state, bf16 model).
         """
         ws = [w.to(dtype) if dtype is not None else w for w in self.base_weights()]
-        return init_state(*ws, batch_size)
+        st = init_state(*ws, batch_size)
+        if self.config.short_conv > 1:
+            st.conv = self.W1.new_zeros(batch_size, self.config.short_conv - 1, self.dim)
+        return st
 
     def reset(self, state: TTTState, mask: torch.Tensor | None = None) -> TTTState:
         """Samples selected by ``mask`` [B] (all if None) go back to the learned initial weights."""
@@ -126,9 +137,33 @@ class TTTMLP(nn.Module):
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
-    def project(self, x: torch.Tensor, pos0: torch.Tensor):
-        """x [B, T, dim] -> xq, xk, xv [B, H, T, d] and lr [B, H, T]."""
-        xq, xk, xv = self._heads(self.wq(x)), self._heads(self.wk(x)), self._heads(self.wv(x))
+    def _short_conv(self, x: torch.Tensor, tail: torch.Tensor | None):
+        """Causal depthwise convolutions of the inputs of q, k and v (``short_conv`` taps): frame t
+        sees frames t-k+1..t, so a key written at t can bind to a value at t+1.
+        x [B, T, dim], tail [B, k-1, dim] (the previous call's last inputs) -> three [B, T, dim]."""
+        k = self.config.short_conv
+        if k <= 1:
+            return x, x, x
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], k - 1, x.shape[2])
+        win = torch.cat([tail.to(x.dtype), x], 1).unfold(1, k, 1)               # [B, T, dim, k]
+        hq, hk, hv = torch.einsum("btdk,cdk->cbtd", win, self.conv_weight.to(x.dtype)).unbind(0)
+        return hq, hk, hv
+
+    def conv_tail(self, x: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor | None:
+        """The last ``short_conv - 1`` inputs after ``x`` [B, T, dim] (None without convolution)."""
+        k = self.config.short_conv
+        if k <= 1:
+            return None
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], k - 1, x.shape[2])
+        return torch.cat([tail.to(x.dtype), x], 1)[:, -(k - 1):]
+
+    def project(self, x: torch.Tensor, pos0: torch.Tensor, conv: torch.Tensor | None = None):
+        """x [B, T, dim] (and the convolution's tail ``conv`` [B, k-1, dim]) -> xq, xk, xv
+        [B, H, T, d] and lr [B, H, T]."""
+        hq, hk, hv = self._short_conv(x, conv)
+        xq, xk, xv = self._heads(self.wq(hq)), self._heads(self.wk(hk)), self._heads(self.wv(hv))
         if self.config.qk_l2_norm:
             xq, xk = F.normalize(xq, dim=-1), F.normalize(xk, dim=-1)
         if self.config.rope:
@@ -167,19 +202,27 @@ class TTTMLP(nn.Module):
             # Truncated BPTT with the gradient path of DESIGN.md section 4.
             state = carry_state(state, self.base_weights(), self.config.state_grad)
         old = state
-        xq, xk, xv, lr = self.project(x, state.pos)
+        xq, xk, xv, lr = self.project(x, state.pos, state.conv)
+        new_tail = self.conv_tail(x, state.conv)
+        # The operator's part of the state; the convolution's input tail is carried beside it and
+        # is not touched by the periodic resets of non-persistent mode (it is local context, like
+        # attention's keys), only by file/conversation resets.
+        state = state.core()
         ln_w, ln_b, tok = self.ttt_norm_weight, self.ttt_norm_bias, self.token_idx()
         K = self.config.mini_batch_size
         if inplace and T == 1 and impl == "auto" and not torch.is_grad_enabled():
             if not self.config.persistent_states:
-                fresh = fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)
+                fresh = (fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)).core()
                 due = state.pos >= self.config.chunk_frames
                 if exec_mask is not None:  # a sample that does not execute keeps its state exactly
                     due = due & exec_mask.to(due.device)
                 state.copy_(reset_state(state, fresh, due))
             out = try_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
             if out is not None:  # state updated in place, exec_mask honoured by the kernel
-                return self.readout(out), state
+                if new_tail is not None:
+                    keep = exec_mask.view(-1, 1, 1).to(new_tail.device) if exec_mask is not None else None
+                    old.conv.copy_(new_tail if keep is None else torch.where(keep, new_tail, old.conv))
+                return self.readout(out), old
 
         if self.config.persistent_states:
             out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
@@ -187,8 +230,7 @@ class TTTMLP(nn.Module):
             # Reset every chunk_frames frames, counted since the last reset, so that full-sequence,
             # chunked and frame-by-frame runs reset at the same frames.
             P = self.config.chunk_frames
-            if fresh is None:
-                fresh = self.init_state(B, dtype=state.W1.dtype)
+            fresh = (fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)).core()
             if T == 1:  # streaming: no host sync (CUDA graphs)
                 state = reset_state(state, fresh, state.pos >= P)
                 out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
@@ -203,6 +245,8 @@ class TTTMLP(nn.Module):
                     outs.append(o)
                     t += n
                 out = torch.cat(outs, dim=2)
+        if new_tail is not None:
+            state = dataclasses.replace(state, conv=new_tail)
         if exec_mask is not None:
             state = select_state(exec_mask, state, old)
         return self.readout(out), state

@@ -11,7 +11,10 @@ Shapes (B batch, H heads, d head dim, F = 4 d hidden):
         the running sums ``sum_j lr_j * grad l_j(W)`` over the tokens of the current mini-batch
         seen so far (zero at a mini-batch start);
     pos [B] (int64)
-        tokens seen since the last reset; mini-batch boundaries are multiples of the mini-batch size.
+        tokens seen since the last reset; mini-batch boundaries are multiples of the mini-batch size;
+    conv [B, k - 1, dim] or None
+        the layer's last ``k - 1`` inputs for its short causal convolution (``TTTConfig.short_conv``
+        = k > 1); None when the layer has none. The operator never reads it; resets zero it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 WEIGHT_NAMES = ("W1", "b1", "W2", "b2")
 SUM_NAMES = ("gW1", "gb1", "gW2", "gb2")
+OPERATOR_NAMES = (*WEIGHT_NAMES, *SUM_NAMES, "pos")
 STATE_FORMAT_VERSION = 1
 
 
@@ -40,6 +44,7 @@ class TTTState:
     gW2: torch.Tensor
     gb2: torch.Tensor
     pos: torch.Tensor
+    conv: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- container helpers
     @property
@@ -47,8 +52,15 @@ class TTTState:
         return self.W1.shape[0]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the state (``conv`` only when present)."""
         for f in fields(self):
-            yield f.name, getattr(self, f.name)
+            t = getattr(self, f.name)
+            if t is not None:
+                yield f.name, t
+
+    def core(self) -> TTTState:
+        """The operator's part (no ``conv``), sharing the tensors (in-place updates reach ``self``)."""
+        return self if self.conv is None else TTTState(*(getattr(self, n) for n in OPERATOR_NAMES))
 
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> TTTState:
         return TTTState(**{name: fn(name, t) for name, t in self.items()})
@@ -154,6 +166,8 @@ def state_from_tensors(
     out: dict[str, torch.Tensor] = {}
     for f in fields(TTTState):
         key = prefix + f.name
+        if f.name == "conv" and (like is None or like.conv is None) and key not in tensors:
+            continue  # optional: layers without a short convolution
         if key not in tensors:
             raise ValueError(f"{source}: missing tensor {key!r}")
         t = tensors[key]
