@@ -74,7 +74,7 @@ CONDITION_ORDER: tuple[Condition, ...] = (B_PERSISTENT, B_RESET, A_PERSISTENT, A
 CONVENTIONAL = {B_PERSISTENT: "B-persistent", B_RESET: "B-reset", A_RESET: "A-reset",
                 A_PERSISTENT: "A-persistent", NO_TTT: "C"}
 METRIC_ORDER = ("later_chunk_loss", "recall_loss")
-CORPUS_ORDER = ("long-memory", "control", "real")
+CORPUS_ORDER = ("kv", "kv-control", "long-memory", "control", "real")
 
 
 @dataclass(frozen=True)
