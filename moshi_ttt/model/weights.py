@@ -23,6 +23,7 @@ from moshi.modules.transformer import StreamingTransformer, StreamingTransformer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import IntegrityError
 from ..ttt.config import TTTConfig
 from .build import TTT_KEY_MARKER, build_lm, ttt_blocks
 from .hybrid import TTTBlock
@@ -36,8 +37,9 @@ _NON_LM_KEYS = {"moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name",
                 "lm_gen_config", "tts_config", "stt_config", "model_id"}
 
 
-class WeightsError(ValueError):
-    """Weights or config do not fit the model; the message names the file and the key."""
+class WeightsError(IntegrityError):
+    """Weights or config do not fit the model, or fail an integrity check; the message names the
+    file and the key (exit code 5)."""
 
 
 def _known_lm_keys() -> set[str]:
