@@ -11,7 +11,9 @@ Layout of a dataset directory::
                      predicted from memory beyond the attention window (synthetic corpus)
 
 Every file is written to a temporary name and moved into place (``os.replace``), so a crash never
-leaves a half-written file under a final name.
+leaves a half-written file under a final name. A writer stopped by an error writes ``dataset.json``
+with ``"complete": false`` and removes ``index.jsonl``: a partial dataset never looks complete, and
+:class:`EncodedDataset` refuses it with a message saying so.
 """
 
 from __future__ import annotations
@@ -192,6 +194,14 @@ class EncodedDataset:
         meta_path = self.root / META_NAME
         index_path = self.root / INDEX_NAME
         if not index_path.is_file():
+            incomplete = False
+            try:
+                incomplete = json.loads(meta_path.read_text(encoding="utf-8")).get("complete") is False
+            except (OSError, ValueError, AttributeError):
+                pass
+            if incomplete:
+                raise DataError(str(self.root), "incomplete dataset: the command that wrote it stopped "
+                                "before the end (see prepare_report.json); run it again")
             raise DataError(str(index_path), "no index.jsonl: not an encoded dataset "
                             "(write one with `moshi-ttt prepare` or `moshi-ttt synth`)")
         try:
@@ -325,17 +335,27 @@ class EncodedDatasetWriter:
         self._ids.add(file_id)
         return entry
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Write ``dataset.json`` and ``index.jsonl``; ``complete=False`` (after an error) writes
+        ``dataset.json`` marked incomplete and no index, so the folder is not taken for a dataset."""
         meta = {"format": FORMAT, "layout": self.layout.to_json(), "produced_by": self.produced_by,
                 "num_files": len(self.entries), "num_frames": sum(e.num_frames for e in self.entries),
-                **self.extra_meta}
+                "complete": complete, **self.extra_meta}
+        if not complete:
+            (self.root / INDEX_NAME).unlink(missing_ok=True)
         atomic_write_text(self.root / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        lines = [json.dumps(asdict(e), sort_keys=True) for e in self.entries]
-        atomic_write_text(self.root / INDEX_NAME, "".join(line + "\n" for line in lines))
+        if complete:
+            lines = [json.dumps(asdict(e), sort_keys=True) for e in self.entries]
+            atomic_write_text(self.root / INDEX_NAME, "".join(line + "\n" for line in lines))
 
     def __enter__(self) -> EncodedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # Write the index even after an error: it lists only files that were fully written.
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        try:  # stopped by an error: mark the output incomplete (the files written so far stay)
+            self.close(complete=False)
+        except OSError:
+            pass  # the folder may be what failed; the original error is what matters

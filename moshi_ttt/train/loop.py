@@ -491,5 +491,9 @@ def load_trained(path: str | Path, device: str | torch.device = "auto") -> tuple
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in load_file(str(ck / "trainable.safetensors")).items():
+            if n not in params or tuple(params[n].shape) != tuple(t.shape):
+                raise CheckpointError(f"{ck}: parameter {n} does not fit the model its config builds")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{ck}: parameter {n} holds NaN or infinite values")
             params[n].copy_(t)
     return model.eval(), cfg, ck
