@@ -53,10 +53,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     loss = summary["final_loss"]
     loss_txt = f"{loss:.4f}" if isinstance(loss, (int, float)) else "n/a"
+    if summary["interrupted"]:
+        sig = summary.get("signal") or "SIGINT"
+        print(f"interrupted by {sig} at step {summary['steps']} (last loss {loss_txt}); a checkpoint was "
+              f"written: continue with --resume; run in {summary['run_dir']}")
+        return EXIT_SIGTERM if sig == "SIGTERM" else EXIT_SIGINT
     print(f"done: {summary['steps']} steps, final loss {loss_txt}, "
           f"{summary['skipped_steps']} skipped; run in {summary['run_dir']}")
-    if summary["interrupted"]:
-        return EXIT_SIGTERM if summary.get("signal") == "SIGTERM" else EXIT_SIGINT
     return 0
 
 

@@ -293,7 +293,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> di
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return apply_overrides(data, overrides or [])
