@@ -213,14 +213,14 @@ def checkpoints(run_dir: Path) -> list[int]:
         if folder.is_dir() else []
 
 
-def dataset_codes(out: Path) -> dict[str, bytes]:
+def dataset_codes(out: Path) -> dict[str, object]:
     idx = out / "index.jsonl"
     if not idx.is_file():
         return {}
     res = {}
     for ln in idx.read_text().splitlines():
         d = json.loads(ln)
-        res[d["file_id"]] = (out / d["path"]).read_bytes()
+        res[d["file_id"]] = safetensors_content(out / d["path"])
     return res
 
 
@@ -668,7 +668,9 @@ def _(c: Ctx) -> Outcome:
     data[-2:] = ((v + 1) % 64).to_bytes(2, "little", signed=True)
     entry.write_bytes(bytes(data))
     r = c.prepare(out)
-    ok, d = expect(r, 0, entry.name)
+    ok, d = expect(r, 0)
+    report = (out / "prepare_report.json").read_text()
+    ok = ok and entry.name in report and "checksum" in report      # noted, naming the cache entry
     lost = dataset_codes(out) != c.ref_codes
     return Outcome(ok and not lost, loss=lost, detail=d)
 
@@ -681,6 +683,7 @@ def _(c: Ctx) -> Outcome:
     entry.write_bytes(entry.read_bytes()[:40])
     r = c.prepare(out)
     ok, d = expect(r, 0)
+    ok = ok and entry.name in (out / "prepare_report.json").read_text()
     lost = dataset_codes(out) != c.ref_codes
     return Outcome(ok and not lost, loss=lost, detail=d)
 
