@@ -302,3 +302,25 @@ def test_free_space_checked_before_writing(corpus, tmp_path, monkeypatch):
         tr.save_checkpoint()
     tr.close()
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def test_one_line_errors_distinct_exit_codes_and_debug(tmp_path, capsys):
+    from moshi_ttt.cli import classify
+
+    rc = cli_main(["train", "--set", "optim.grad_clip=-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().count("\n") == 0 and "optim.grad_clip" in err and "Traceback" not in err
+    rc = cli_main(["--debug", "train", "--set", "optim.grad_clip=-1"])
+    assert rc == 2 and "Traceback (most recent call last)" in capsys.readouterr().err
+    rc = cli_main(["train", "--set", "device=tpu9", "--debug"])           # --debug after the command
+    assert rc == 7 and "Traceback" in capsys.readouterr().err
+    from moshi_ttt.data.report import DataError
+    from moshi_ttt.model.weights import WeightsError
+    from moshi_ttt.train.loop import TrainingStopped
+
+    kinds = [DataError("x", "bad"), ConfigError("k"), TrainingStopped("s"), CheckpointError("c"),
+             WeightsError("w"), OSError(errno.ENOSPC, "No space left on device", "f"), RuntimeError("boom")]
+    codes = [classify(e)[0] for e in kinds]
+    assert codes == [1, 2, 3, 4, 5, 6, 70]
+    assert "rerun with --debug" in classify(RuntimeError("boom"))[1]

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.dataset import EncodedDataset
+from ..data.dataset import EncodedDataset, atomic_write_text
 from ..data.stream import ChunkBatch, ChunkStream
 from ..errors import EXIT_STOPPED, MoshiTTTError
 from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
@@ -440,8 +440,8 @@ class Trainer:
         summary = {"steps": self.step, "final_loss": last.get("loss"), "skipped_steps": self.skipped,
                    "wall_s": time.perf_counter() - t_start, "run_dir": str(self.run_dir),
                    "interrupted": self._stop_requested, "signal": self._stop_signal}
-        if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.dist.is_main:  # atomic: the experiment reads it to decide whether an arm is done
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
         return summary
 
