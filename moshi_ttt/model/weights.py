@@ -183,9 +183,13 @@ def trainable_names(model: nn.Module, which: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ TTT checkpoints
-def _adapter_keys(model: nn.Module) -> list[str]:
+def adapter_keys(model: nn.Module) -> list[str]:
+    """Names of the parameters an adapter folder holds (TTT and LoRA)."""
     return [n for n, _ in model.named_parameters()
             if TTT_KEY_MARKER in n or ".lora_A." in n or ".lora_B." in n]
+
+
+_adapter_keys = adapter_keys
 
 
 def save_ttt_checkpoint(model: LMModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:

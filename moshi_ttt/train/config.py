@@ -159,10 +159,13 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]
     """Differences between a checkpoint's config and the current one: ``(applied, refused)``,
     each a list of ``(dotted key, saved value, current value)``."""
     a, b = _flatten(saved), _flatten(current)
+    defaults = _flatten(to_dict(TrainConfig()))
     applied, refused = [], []
     for k in sorted(set(a) | set(b)):
-        if k.startswith("ttt.extra"):
+        if k.startswith("ttt.extra") or k == "progress":  # progress: display only
             continue
+        if k not in a and b.get(k) == defaults.get(k):
+            continue  # a setting added after the checkpoint was written, at its default
         va, vb = a.get(k), b.get(k)
         if va != vb:
             (applied if k in RESUME_CHANGEABLE else refused).append((k, va, vb))

@@ -32,7 +32,7 @@ from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
 from ..model.chunked import ChunkedLM
 from ..model.loss import TokenLosses, WeightedSums, combine, weighted_sums
 from ..model.memory import load_stream, restore_stream, save_stream, snapshot_stream, stream_finite, stream_nbytes
-from ..model.weights import apply_lora, load_lm, save_ttt_checkpoint, trainable_names
+from ..model.weights import adapter_keys, apply_lora, load_lm, save_ttt_checkpoint, trainable_names
 from .checkpoint import (
     CheckpointError,
     find_resumable,
@@ -315,10 +315,17 @@ class Trainer:
                 "config": to_dict(self.cfg),
             }, folder / "trainer.pt")
 
-        # Free space needed: weights twice (trainable + adapter), AdamW moments, the carried state.
-        weights = sum(t.numel() * t.element_size() for t in trainable.values())
         return write_checkpoint(self.run_dir, self.step, writer, self.cfg.keep_last,
-                                expected_bytes=4 * weights + stream_nbytes(self.model) + (1 << 20))
+                                expected_bytes=self._checkpoint_nbytes(trainable))
+
+    def _checkpoint_nbytes(self, trainable: dict[str, torch.Tensor]) -> int:
+        """About what a checkpoint takes on disk: weights, adapter, optimizer state, carried state."""
+        def nbytes(ts) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+        adapter = nbytes(p for n, p in self.model.named_parameters() if n in set(adapter_keys(self.model)))
+        optim = sum(nbytes(st.values()) for st in self.optimizer.state.values())
+        return nbytes(trainable.values()) + adapter + optim + stream_nbytes(self.model) + (1 << 20)
 
     def _claim_run_dir(self, resume: bool, restart: bool) -> Path | None:
         """The checkpoint to resume from, or None to start at step 0 (see ``resume_point``). A new
