@@ -312,6 +312,10 @@ class EncodedDatasetWriter:
         self.entries: list[FileEntry] = []
         self._ids: set[str] = set()
         (self.root / CODES_DIR).mkdir(parents=True, exist_ok=True)
+        # Until close(): marked incomplete, so a kill mid-write never leaves an old index that
+        # looks like it describes the files being rewritten.
+        self._write_meta(complete=False)
+        (self.root / INDEX_NAME).unlink(missing_ok=True)
 
     def add(self, file_id: str, codes: torch.Tensor, recall_mask: torch.Tensor | None = None,
             source: dict[str, Any] | None = None) -> FileEntry:
@@ -335,15 +339,18 @@ class EncodedDatasetWriter:
         self._ids.add(file_id)
         return entry
 
-    def close(self, complete: bool = True) -> None:
-        """Write ``dataset.json`` and ``index.jsonl``; ``complete=False`` (after an error) writes
-        ``dataset.json`` marked incomplete and no index, so the folder is not taken for a dataset."""
+    def _write_meta(self, complete: bool) -> None:
         meta = {"format": FORMAT, "layout": self.layout.to_json(), "produced_by": self.produced_by,
                 "num_files": len(self.entries), "num_frames": sum(e.num_frames for e in self.entries),
                 "complete": complete, **self.extra_meta}
+        atomic_write_text(self.root / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def close(self, complete: bool = True) -> None:
+        """Write ``dataset.json`` and ``index.jsonl``; ``complete=False`` (after an error) writes
+        ``dataset.json`` marked incomplete and no index, so the folder is not taken for a dataset."""
         if not complete:
             (self.root / INDEX_NAME).unlink(missing_ok=True)
-        atomic_write_text(self.root / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        self._write_meta(complete)
         if complete:
             lines = [json.dumps(asdict(e), sort_keys=True) for e in self.entries]
             atomic_write_text(self.root / INDEX_NAME, "".join(line + "\n" for line in lines))

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.dataset import EncodedDataset, atomic_write_text
+from ..data.report import DataError
 from ..data.stream import ChunkBatch, ChunkStream
 from ..errors import EXIT_STOPPED, MoshiTTTError
 from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
@@ -147,6 +148,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.dataset = EncodedDataset(cfg.data.train)
         self._check_layout(self.dataset, cfg.data.train)
+        if len(self.dataset) == 0:
+            raise DataError(str(cfg.data.train), "no usable file in the training dataset (see the messages above)")
         # One global schedule over lanes x world; each rank takes its slice of lanes, so a run on
         # N processes sees exactly the batches of one process with N times the lanes.
         self.stream = ChunkStream(self.dataset, cfg.data.lanes * self.dist.world_size, cfg.data.chunk_frames,
