@@ -555,6 +555,57 @@ print("RESTORED" if same else "NOT RESTORED", "FINITE" if fin else "NONFINITE")
     return Outcome(ok and "NOT" not in r.out, loss=not ok, detail=d)
 
 
+@probe("train on a dataset with no usable file", "bad input")
+def _(c: Ctx) -> Outcome:
+    data = c.work / "emptyset"
+    shutil.copytree(c.work / "train", data)
+    (data / "index.jsonl").write_text("")
+    r = c.train(c.work / "empty_run", f"data.train={data}")
+    ok, d = expect(r, 1, "no usable file")
+    return Outcome(ok, loss=r.rc == 0, detail=d)
+
+
+@probe("train: a codes file corrupted on disk mid-corpus", "corruption")
+def _(c: Ctx) -> Outcome:
+    data = c.work / "badcodes"
+    shutil.copytree(c.work / "train", data)
+    victim = sorted((data / "codes").glob("*.safetensors"))[3]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01                               # one bit of a code: still in range
+    victim.write_bytes(bytes(raw))
+    r = c.train(c.work / "badcodes_run", f"data.train={data}", "steps=40")
+    ok, d = expect(r, 1, victim.name)
+    from moshi_ttt.train.checkpoint import verify_checkpoint
+
+    intact = all(verify_checkpoint(c.work / "badcodes_run" / "checkpoints" / f"step_{s:07d}")
+                 for s in checkpoints(c.work / "badcodes_run"))
+    return Outcome(ok and intact, loss=r.rc == 0 or not intact, detail=d)
+
+
+@probe("train --set without '='", "bad config")
+def _(c: Ctx) -> Outcome:
+    r = c.cli("train", "--set", "steps")
+    ok, d = expect(r, 2, "key=value")
+    return Outcome(ok, detail=d)
+
+
+@probe("train: run_dir/checkpoints is a file", "bad path")
+def _(c: Ctx) -> Outcome:
+    run = c.work / "ckfile"
+    run.mkdir()
+    (run / "checkpoints").write_text("x")
+    r = c.train(run)
+    ok, d = expect(r, 6, "checkpoints")
+    return Outcome(ok, loss=r.rc == 0, detail=d)
+
+
+@probe("train: data.eval folder missing", "bad input")
+def _(c: Ctx) -> Outcome:
+    r = c.train(c.work / "noeval", "data.eval=/nonexistent/eval")
+    ok, d = expect(r, 1, "/nonexistent/eval")
+    return Outcome(ok, detail=d)
+
+
 # ====================================================================== eval
 @probe("eval --chunk-frames 0", "bad argument")
 def _(c: Ctx) -> Outcome:
@@ -739,6 +790,45 @@ def _(c: Ctx) -> Outcome:
         return Outcome(ok and not looks_complete, loss=looks_complete or r.rc == 0, detail=d)
     finally:
         umount(mnt)
+
+
+@probe("prepare with garbage --mimi-weights", "bad input")
+def _(c: Ctx) -> Outcome:
+    bad = c.work / "mimi.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}" * 3)
+    r = c.cli("prepare", c.manifest, "--out", c.work / "p8", "--tokenizer", c.tok, "--mimi-weights", bad, "--quiet")
+    ok, d = expect(r, 5, "mimi.safetensors")
+    return Outcome(ok, detail=d)
+
+
+def _interrupt_prepare(name: str, sig: int, rc: int | None):
+    @probe(name, "signal" if sig != signal.SIGKILL else "kill -9")
+    def _(c: Ctx) -> Outcome:
+        from moshi_ttt.data.fixtures import make_toy_recordings
+
+        man = make_toy_recordings(c.work / f"rec_int_{sig}", num_files=4, seconds=(20.0,))
+        out = c.work / f"p_int_{sig}"
+        proc = c.popen("prepare", man, "--out", out, "--tokenizer", c.tok, "--random-mimi", "tiny", "--quiet",
+                       "--workers", "1")
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if (out / "codes").is_dir() and any((out / "codes").glob("*.safetensors")):
+                break
+            time.sleep(0.01)
+        interrupted = proc.poll() is None
+        proc.send_signal(sig)
+        r = c.finish(proc)
+        looks_complete = (out / "index.jsonl").is_file() and interrupted
+        ok = interrupted and (rc is None or r.rc == rc)
+        r2 = c.cli("prepare", man, "--out", out, "--tokenizer", c.tok, "--random-mimi", "tiny", "--quiet")
+        ok2, d2 = expect(r2, 0)
+        done = len(dataset_codes(out)) == 4
+        return Outcome(ok and ok2 and done and not looks_complete, loss=looks_complete or not done,
+                       detail=f"interrupted={interrupted} rc={r.rc}; rerun {d2}")
+
+
+_interrupt_prepare("kill -9 during prepare, then rerun", signal.SIGKILL, None)
+_interrupt_prepare("SIGINT during prepare, then rerun", signal.SIGINT, 130)
 
 
 # ====================================================================== memory, adapters, weights

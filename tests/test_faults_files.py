@@ -255,3 +255,18 @@ def test_eval_on_data_of_another_layout_and_wrong_typed_config(tmp_path, capsys)
     bad.write_text("ttt:\n  layers: {a: 1}\n")
     with pytest.raises(ConfigError, match="ttt"):
         load_train_config(bad)
+
+
+def test_codes_file_bit_flip_is_detected(tmp_path):
+    write_corpus(SynthConfig(seed=0, num_files=2, frames_min=64, frames_max=64), tmp_path / "d", progress=False)
+    ds = EncodedDataset(tmp_path / "d")
+    fid = ds.file_ids[0]
+    ref = ds.load(fid).codes
+    path = tmp_path / "d" / ds[fid].path
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01                                   # one bit of one code, still in range
+    path.write_bytes(bytes(raw))
+    ds = EncodedDataset(tmp_path / "d")
+    with pytest.raises(DataError, match="corrupted"):
+        ds.load(fid)
+    assert ref.shape[0] == 5

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import MoshiTTTError
 from .report import DataError
 
 PREPARE_HELP = """\
@@ -146,6 +147,8 @@ def run_prepare(args: argparse.Namespace) -> int:
                             hash_content=args.hash_content, progress=not args.quiet)
         with _console_messages(args.quiet):
             result = prepare(args.manifest, encoder, tokenizer, cfg, tokenizer_path=str(args.tokenizer))
+    except MoshiTTTError:
+        raise  # printed with its own exit code by the command line
     except DataError as e:
         partial = getattr(e, "prepare_result", None)
         if partial is not None:  # --strict: the summary of what was done before the stop

@@ -4,7 +4,7 @@ Layout of a dataset directory::
 
     dataset.json          layout (n_q, dep_q, card, text_card, ids, frame_rate) + what produced it
     index.jsonl           one line per file: {"file_id", "path", "num_frames", "source"}
-    codes/<file_id>.safetensors
+    codes/<file_id>.safetensors   (its metadata holds the sha256 of its tensors, checked on load)
         codes        [1 + n_q, T] int32 on disk, int64 when loaded (moshi's layout: row 0 text,
                      rows 1..dep_q the Moshi (left) channel, rows dep_q+1..n_q the user channel)
         recall_mask  [T] uint8, optional: frames whose Moshi tokens (rows 0..dep_q) can only be
@@ -120,6 +120,18 @@ class CodesLayout:
         return asdict(self)
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors``: what a codes file holds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` to a temporary file in the same folder, then ``os.replace``."""
     path = Path(path)
@@ -210,6 +222,7 @@ class EncodedDataset:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(str(meta_path), f"missing or malformed dataset.json ({e})") from e
         self.files: list[FileEntry] = []
+        self._digests: dict[str, str] = {}  # file_id -> sha256 written with the codes (when verified)
         seen: set[str] = set()
         for lineno, line in enumerate(index_path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -242,6 +255,9 @@ class EncodedDataset:
             return "codes file is missing"
         try:
             with safe_open(str(path), framework="pt") as f:
+                digest = (f.metadata() or {}).get("sha256")
+                if digest is not None:
+                    self._digests[entry.file_id] = digest
                 if "codes" not in f.keys():
                     return "codes file has no 'codes' tensor"
                 shape = tuple(f.get_slice("codes").get_shape())
@@ -283,6 +299,10 @@ class EncodedDataset:
             raise DataError(str(path), f"cannot load codes file ({type(e).__name__}: {e})") from e
         if "codes" not in tensors:
             raise DataError(str(path), "codes file has no 'codes' tensor")
+        digest = self._digests.get(file_id)
+        if digest is not None and tensors_sha256(tensors) != digest:
+            raise DataError(str(path), "codes file is corrupted (its sha256 does not match the one written "
+                            "with it); re-create it with `moshi-ttt prepare` / `synth`")
         codes = tensors["codes"].long()
         problem = self.layout.check_codes(codes)
         if problem is None and codes.shape[-1] != entry.num_frames:
@@ -290,6 +310,8 @@ class EncodedDataset:
         if problem is not None:
             raise DataError(str(path), problem)
         mask = tensors.get("recall_mask")
+        if mask is not None and mask.numel() and int(mask.max()) > 1:
+            raise DataError(str(path), f"recall_mask holds {int(mask.max())}, expected 0 or 1")
         return EncodedFile(file_id, codes, None if mask is None else mask.bool())
 
 
@@ -332,7 +354,8 @@ class EncodedDatasetWriter:
                 raise ValueError(f"{file_id}: recall_mask shape {tuple(recall_mask.shape)} != ({T},)")
             tensors["recall_mask"] = recall_mask.to(torch.uint8)
         rel = f"{CODES_DIR}/{file_id}.safetensors"
-        metadata = {"format": FORMAT, "file_id": file_id, "layout": json.dumps(self.layout.to_json())}
+        metadata = {"format": FORMAT, "file_id": file_id, "layout": json.dumps(self.layout.to_json()),
+                    "sha256": tensors_sha256(tensors)}
         atomic_save_file(tensors, self.root / rel, metadata)
         entry = FileEntry(file_id, rel, T, dict(source or {}))
         self.entries.append(entry)
