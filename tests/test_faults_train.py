@@ -324,3 +324,28 @@ def test_one_line_errors_distinct_exit_codes_and_debug(tmp_path, capsys):
     codes = [classify(e)[0] for e in kinds]
     assert codes == [1, 2, 3, 4, 5, 6, 70]
     assert "rerun with --debug" in classify(RuntimeError("boom"))[1]
+
+
+def test_skipped_step_at_a_file_start_still_resets_that_lane(corpus, tmp_path):
+    from moshi_ttt.model.build import ttt_blocks
+
+    tr = Trainer(cfg_of(corpus, tmp_path / "run", "max_nonfinite=3"))
+    it = iter(tr.stream)
+    tr.train_step(next(it))
+    batch = next(it)
+    while not bool(batch.reset.any()) or bool(batch.reset.all()):
+        tr.train_step(batch)
+        batch = next(it)
+    mem = ttt_blocks(tr.model)[1]._streaming_state.memory
+    pos_before = mem.pos.clone()
+    emb = tr.model.text_emb.weight
+    saved = emb.detach().clone()
+    with torch.no_grad():
+        emb.fill_(float("nan"))
+    assert tr.train_step(batch)["skipped"]
+    with torch.no_grad():
+        emb.copy_(saved)
+    pos = ttt_blocks(tr.model)[1]._streaming_state.memory.pos
+    assert torch.equal(pos[batch.reset], torch.zeros_like(pos[batch.reset]))     # the new file starts fresh
+    assert torch.equal(pos[~batch.reset], pos_before[~batch.reset])               # the others: as before
+    tr.close()

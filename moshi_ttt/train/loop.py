@@ -226,7 +226,7 @@ class Trainer:
             self.optimizer.step()
             self.nonfinite_in_row = 0
         else:
-            self._restore_carried(snap)  # nothing non-finite is carried on or saved
+            self._restore_carried(snap, batch.reset)  # nothing non-finite is carried on or saved
             self.nonfinite_in_row += 1
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,10 +252,12 @@ class Trainer:
         return {"stream": snapshot_stream(self.model), "tail": self.runner.tail.clone(),
                 "before": self.runner.before.clone()}
 
-    def _restore_carried(self, snap: dict[str, Any]) -> None:
-        """Put the carried state back to ``snap`` (a skipped step leaves no trace in it)."""
+    def _restore_carried(self, snap: dict[str, Any], reset: torch.Tensor) -> None:
+        """Put the carried state back to ``snap`` (a skipped step leaves no trace in it), then
+        apply the skipped batch's resets: the lanes whose file started there start it fresh."""
         restore_stream(self.model, snap["stream"])
         self.runner.tail, self.runner.before = snap["tail"], snap["before"]
+        self.runner.reset(reset)
 
     def _carried_finite(self) -> bool:
         ok = torch.tensor(float(stream_finite(self.model)), device=self.device)
