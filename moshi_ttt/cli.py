@@ -74,6 +74,8 @@ def classify(e: BaseException) -> tuple[int, str]:
         return EXIT_DEVICE, f"out of device memory ({msg[:200]}); lower data.lanes or data.chunk_frames"
     if isinstance(e, OSError) and (e.errno in USER_OS_ERRNOS):
         return EXIT_IO, describe_os_error(e)
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return EXIT_IO, msg  # raised with a message only (no errno): the message names the path
     if name == "SafetensorError":  # raised for I/O failures and for corrupt files alike
         low = msg.lower()
         if "no space" in low or "os error 28" in low or "os { code: 28" in low:

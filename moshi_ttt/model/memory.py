@@ -89,7 +89,10 @@ def load_memory(model, path: str | Path) -> dict[str, Any]:
     """Restore TTT memory saved by ``save_memory`` into a streaming ``model`` (same batch size).
 
     Checks the SHA-256 (when the file has one) and that every tensor is finite."""
-    grouped, meta = load_states(path)
+    try:
+        grouped, meta = load_states(path)
+    except ValueError as e:  # unreadable or not a memory file
+        raise IntegrityError(str(e)) from e
     flat = {f"{name}/{n}": t for name, d in grouped.items() for n, t in d.items()}
     digest = meta.get("sha256")
     if digest is not None and tensors_digest(flat) != digest:
@@ -97,13 +100,16 @@ def load_memory(model, path: str | Path) -> dict[str, Any]:
     check_finite(flat, path)
     mine = _model_meta(model)
     if meta.get("ttt_layers") != mine["ttt_layers"]:
-        raise ValueError(f"{path}: memory of TTT layers {meta.get('ttt_layers')}, model has {mine['ttt_layers']}")
+        raise IntegrityError(f"{path}: memory of TTT layers {meta.get('ttt_layers')}, model has {mine['ttt_layers']}")
     for key in ("mini_batch_size", "num_heads", "qk_l2_norm", "rope"):
         if (meta.get("ttt") or {}).get(key) != (mine["ttt"] or {}).get(key):
-            raise ValueError(f"{path}: TTT setting {key}={meta['ttt'].get(key)!r} differs from the "
+            raise IntegrityError(f"{path}: TTT setting {key}={meta['ttt'].get(key)!r} differs from the "
                              f"model's {mine['ttt'].get(key)!r}")
     for i, st in _streaming_blocks(model).items():
-        new = state_from_tensors(grouped[f"layer{i}"], like=st.memory, source=f"{path} layer{i}")
+        try:
+            new = state_from_tensors(grouped[f"layer{i}"], like=st.memory, source=f"{path} layer{i}")
+        except (KeyError, ValueError) as e:  # a tensor missing or of another shape
+            raise IntegrityError(f"{path}: memory of layer {i} does not fit the model ({e})") from e
         TTTBlock.store_memory(st, new)
     return meta
 
@@ -181,9 +187,9 @@ def load_stream(module: StreamingModule, path: str | Path) -> None:
     def put(dst: torch.Tensor, key: str) -> None:
         src = tensors.get(key)
         if src is None:
-            raise ValueError(f"{path}: missing tensor {key!r}")
+            raise IntegrityError(f"{path}: missing tensor {key!r}")
         if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(f"{path}: {key!r} has shape {tuple(src.shape)}, the stream {tuple(dst.shape)}")
+            raise IntegrityError(f"{path}: {key!r} has shape {tuple(src.shape)}, the stream {tuple(dst.shape)}")
         dst.copy_(src.to(dst.dtype))
 
     with torch.no_grad():

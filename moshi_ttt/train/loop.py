@@ -354,6 +354,8 @@ class Trainer:
     def _apply_resume_config(self, saved: dict[str, Any]) -> None:
         """Overrides of a resumed run: applied (and said so) or refused, never recorded silently."""
         applied, refused = resume_changes(saved, to_dict(self.cfg))
+        if self.cfg.steps < self.step:
+            raise ConfigError(f"--resume: steps={self.cfg.steps} is below the checkpoint's step {self.step}")
         if refused:
             lines = ", ".join(f"{k} ({a!r} in the checkpoint, {b!r} now)" for k, a, b in refused)
             raise ConfigError(f"--resume: these settings cannot change in a resumed run: {lines}. Drop the "
@@ -384,7 +386,10 @@ class Trainer:
                 params[n].copy_(t)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        self.stream.load_state_dict(st["stream"])
+        try:
+            self.stream.load_state_dict(st["stream"])
+        except ValueError as e:  # the dataset changed under the same path
+            raise CheckpointError(f"{ck}: {e}; resume with the data the run started with") from e
         load_stream(self.model, ck / "stream.safetensors")
         self.runner.tail = st["tail"].to(self.device)
         self.runner.before = st["before"].to(self.device)
