@@ -932,12 +932,14 @@ def main() -> int:
         print(f"[{i:2d}/{len(probes)}] {status:4s} {p.name}: {out.detail[:150]}", flush=True)
     print()
     w = max(len(p.name) for p, _, _ in rows)
-    print(f"{'#':>2}  {'probe':{w}s}  {'kind':11s}  {'exit':>4s}  {'tb':2s}  {'loss':4s}  {'ident':5s}  result")
+    # rc: exit code of the probe's last command; tb: a traceback reached the user; loss: silent loss;
+    # ident: the resumed run equals the uninterrupted one bit for bit.
+    print(f"{'#':>2}  {'probe':{w}s}  {'kind':12s}  {'rc':>4s}  {'tb':2s}  {'loss':4s}  {'ident':5s}  result")
     for i, (p, out, tb) in enumerate(rows, 1):
         rc = out.runs[-1].rc if out.runs else "-"
         ident = "-" if out.identical is None else ("yes" if out.identical else "NO")
         res = "ok" if out.ok and not tb and not out.loss else "FAIL"
-        print(f"{i:2d}  {p.name:{w}s}  {p.kind:11s}  {rc!s:>4s}  {'Y' if tb else '.':2s}  "
+        print(f"{i:2d}  {p.name:{w}s}  {p.kind:12s}  {rc!s:>4s}  {'Y' if tb else '.':2s}  "
               f"{'Y' if out.loss else '.':4s}  {ident:5s}  {res}")
     n_tb = sum(tb for _, _, tb in rows)
     n_loss = sum(out.loss for _, out, _ in rows)
