@@ -126,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_CONFIG
-    return run_guarded(lambda: args.func(args), debug)
+    from .runtime import setup_threads
+
+    def command() -> int:
+        setup_threads(getattr(args, "threads", None))  # suited to the free CPUs, printed once
+        return int(args.func(args) or 0)
+
+    return run_guarded(command, debug)
 
 
 __all__ = ["main", "build_parser", "classify", "run_guarded", "EXIT_CHECKPOINT", "EXIT_STOPPED"]

@@ -305,7 +305,7 @@ def test_free_space_checked_before_writing(corpus, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ the CLI
-def test_one_line_errors_distinct_exit_codes_and_debug(tmp_path, capsys):
+def test_one_line_errors_distinct_exit_codes_and_debug(corpus, tmp_path, capsys):
     from moshi_ttt.cli import classify
 
     rc = cli_main(["train", "--set", "optim.grad_clip=-1"])
@@ -313,7 +313,8 @@ def test_one_line_errors_distinct_exit_codes_and_debug(tmp_path, capsys):
     assert rc == 2 and err.strip().count("\n") == 0 and "optim.grad_clip" in err and "Traceback" not in err
     rc = cli_main(["--debug", "train", "--set", "optim.grad_clip=-1"])
     assert rc == 2 and "Traceback (most recent call last)" in capsys.readouterr().err
-    rc = cli_main(["train", "--set", "device=tpu9", "--debug"])           # --debug after the command
+    rc = cli_main(["train", "--set", "device=tpu9", "--set", f"data.train={corpus / 'train'}", "--set",
+                   "data.eval=null", "--debug"])                            # --debug after the command
     assert rc == 7 and "Traceback" in capsys.readouterr().err
     from moshi_ttt.data.report import DataError
     from moshi_ttt.model.weights import WeightsError

@@ -187,7 +187,7 @@ def test_state_save_load_roundtrip(tmp_path):
     ({"layers": "odd"}, "unknown layer spec"),
     ({"layers": "every:0"}, "unknown layer spec"),
     ({"base_lr": -1.0}, "base_lr"),
-    ({"state_grad": "full"}, "state_grad"),
+    ({"state_grad": "bogus"}, "state_grad"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(TTTConfigError, match=match):

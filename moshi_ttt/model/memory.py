@@ -257,6 +257,8 @@ def restore_stream(module: StreamingModule, snap: dict[str, dict[str, Any]]) -> 
                         setattr(state, f, val.map(lambda _, t: _clone(t)))
                 elif isinstance(val, tuple) and isinstance(obj, RingKVCache):
                     obj.cache, obj.end_offset, obj.capacity = _clone(val[0]), _clone(val[1]), val[2]
+                    if getattr(obj, "live", None) is not None:
+                        obj.live = None  # the span's graph-carrying copy: the values are back in cache
                 else:
                     setattr(state, f, val)
 

@@ -30,6 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def missing_data(cfg) -> str | None:
+    """One line saying how to make the data when a configured dataset folder does not exist yet."""
+    from pathlib import Path
+
+    for key, path, n, seed in (("data.train", cfg.data.train, 48, 0), ("data.eval", cfg.data.eval, 16, 1)):
+        if path and not (Path(path) / "index.jsonl").is_file():
+            return (f"no dataset at {path} ({key}): make the synthetic corpus with `moshi-ttt synth --out {path} "
+                    f"--num-files {n} --seed {seed}`, or encode recordings with `moshi-ttt prepare MANIFEST --out "
+                    f"{path}` (see the README, section Training)")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``moshi-ttt train``; errors are printed by the caller (one line, exit code)."""
     from ..errors import EXIT_SIGINT, EXIT_SIGTERM
@@ -39,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, args.set)
     if args.quiet:
         cfg.progress = False
+    if (hint := missing_data(cfg)) is not None:
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg, resume=args.resume, restart=getattr(args, "restart", False))
     try:
         summary = trainer.train()
@@ -58,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted by {sig} at step {summary['steps']} (last loss {loss_txt}); a checkpoint was "
               f"written: continue with --resume; run in {summary['run_dir']}")
         return EXIT_SIGTERM if sig == "SIGTERM" else EXIT_SIGINT
-    print(f"done: {summary['steps']} steps, final loss {loss_txt}, "
+    print(f"done: {summary['steps']} steps, final training loss (text + audio) {loss_txt}, "
           f"{summary['skipped_steps']} skipped; run in {summary['run_dir']}")
     return 0
 

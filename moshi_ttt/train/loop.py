@@ -204,14 +204,29 @@ class Trainer:
                 kw[k] = v[sl]
         return ChunkBatch(**kw)
 
-    def train_step(self, batch: ChunkBatch) -> dict[str, Any]:
+    def train_step(self, batches: list[ChunkBatch] | ChunkBatch) -> dict[str, Any]:
+        """One optimizer step over a training span of ``len(batches)`` consecutive chunks
+        (``bptt_chunks``): the loss is the token mean over the span; with ``ttt.state_grad: full``
+        its gradient is that of one forward over the span's frames."""
         cfg = self.cfg
-        batch = self._rank_slice(batch).to(self.device)
+        if isinstance(batches, ChunkBatch):
+            batches = [batches]
         t0 = time.perf_counter()
         self.model.train()
+        self.runner.cut()  # a new span: the carried state enters without the previous span's graph
         snap = self._snapshot_carried()
-        text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
-        ws = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
+        ws: WeightedSums | None = None
+        frames = 0.0
+        epoch = 0
+        for batch in batches:
+            batch = self._rank_slice(batch).to(self.device)
+            text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
+            w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
+            ws = w if ws is None else WeightedSums(ws.text_num + w.text_num, ws.text_den + w.text_den,
+                                                   ws.audio_num + w.audio_num, ws.audio_den + w.audio_den)
+            frames += float(batch.valid.sum()) * self.dist.world_size
+            epoch = batch.epoch
+        assert ws is not None
         dens = all_reduce_sum(torch.stack([ws.text_den, ws.audio_den]).detach().float(), self.dist)
         terms = combine(ws, cfg.loss, dens[0].to(ws.text_num), dens[1].to(ws.audio_num))
         # DDP averages gradients over ranks: scale so that the result is the global token mean.
@@ -226,17 +241,17 @@ class Trainer:
             self.optimizer.step()
             self.nonfinite_in_row = 0
         else:
-            self._restore_carried(snap, batch.reset)  # nothing non-finite is carried on or saved
+            # Nothing non-finite is carried on or saved; lanes whose file started in the span start it.
+            self._restore_carried(snap, [self._rank_slice(b).reset for b in batches])
             self.nonfinite_in_row += 1
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        frames = float(batch.valid.sum()) * self.dist.world_size
         metrics = {"step": self.step, "loss": float(loss_value), "text_loss": float(sums[0] / dens[0].clamp_min(1e-8)),
                    "audio_loss": float(sums[1] / dens[1].clamp_min(1e-8)), "grad_norm": float(grad_norm), "lr": lr,
-                   "frames_per_s": frames / dt, "epoch": batch.epoch, "skipped": not finite}
+                   "frames_per_s": frames / dt, "epoch": epoch, "skipped": not finite}
         if not finite:
             print(f"step {self.step}: non-finite loss or gradient (loss={float(loss_value)}, "
                   f"grad_norm={float(grad_norm)}); step skipped ({self.nonfinite_in_row} in a row)")
@@ -252,12 +267,12 @@ class Trainer:
         return {"stream": snapshot_stream(self.model), "tail": self.runner.tail.clone(),
                 "before": self.runner.before.clone()}
 
-    def _restore_carried(self, snap: dict[str, Any], reset: torch.Tensor) -> None:
+    def _restore_carried(self, snap: dict[str, Any], resets: list[torch.Tensor]) -> None:
         """Put the carried state back to ``snap`` (a skipped step leaves no trace in it), then
-        apply the skipped batch's resets: the lanes whose file started there start it fresh."""
+        apply the skipped span's resets: the lanes whose file started there start it fresh."""
         restore_stream(self.model, snap["stream"])
         self.runner.tail, self.runner.before = snap["tail"], snap["before"]
-        self.runner.reset(reset)
+        self.runner.reset(torch.stack([r.to(snap["tail"].device) for r in resets]).any(0))
 
     def _carried_finite(self) -> bool:
         ok = torch.tensor(float(stream_finite(self.model)), device=self.device)
@@ -429,7 +444,7 @@ class Trainer:
                 will_log = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
                 for b in blocks.values():
                     b.record_probe, b.probe = will_log, None
-                metrics = self.train_step(next(it))
+                metrics = self.train_step([next(it) for _ in range(cfg.bptt_chunks)])
                 for b in blocks.values():
                     b.record_probe = False
                 bar.update(1)
