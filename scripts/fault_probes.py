@@ -276,7 +276,7 @@ _config_probe("train --set data.X over a null data: section", (), 2, "'data' is 
 _config_probe("train invalid YAML", (), 2, "not valid YAML", yaml_text="a: [1, 2\n")
 _config_probe("train ttt.layers wrong type", ("ttt.layers={a: 1}",), 2, "ttt")
 _config_probe("train device=tpu9", ("device=tpu9",), 7, "tpu9")
-_config_probe("train missing data folder", ("data.train=/nonexistent/data",), 1, "/nonexistent/data")
+_config_probe("train missing data folder", ("data.train=/nonexistent/data",), 2, "no dataset at /nonexistent/data")
 
 
 @probe("train config file missing", "bad config")
@@ -602,7 +602,7 @@ def _(c: Ctx) -> Outcome:
 @probe("train: data.eval folder missing", "bad input")
 def _(c: Ctx) -> Outcome:
     r = c.train(c.work / "noeval", "data.eval=/nonexistent/eval")
-    ok, d = expect(r, 1, "/nonexistent/eval")
+    ok, d = expect(r, 2, "no dataset at /nonexistent/eval")
     return Outcome(ok, detail=d)
 
 
