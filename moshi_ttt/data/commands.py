@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import MoshiTTTError
 from .report import DataError
 
 PREPARE_HELP = """\
@@ -166,8 +167,9 @@ def run_prepare(args: argparse.Namespace) -> int:
         preset = args.preset
         if preset == "auto":
             preset = "tiny" if args.random_mimi == "tiny" else "7b"
+        _check_prepare_args(args)
         layout = CodesLayout.preset(preset)
-        K = args.num_codebooks or layout.dep_q
+        K = args.num_codebooks if args.num_codebooks is not None else layout.dep_q
         if K != layout.dep_q or 2 * K != layout.n_q:
             raise ValueError(f"--num-codebooks {K} does not fit the {preset} layout (dep_q={layout.dep_q}, "
                              f"n_q={layout.n_q}: both channels give dep_q codebooks)")
@@ -184,7 +186,14 @@ def run_prepare(args: argparse.Namespace) -> int:
                             hash_content=args.hash_content, progress=not args.quiet)
         with _console_messages(args.quiet):
             result = prepare(args.manifest, encoder, tokenizer, cfg, tokenizer_path=str(args.tokenizer))
+    except MoshiTTTError:
+        raise  # printed with its own exit code by the command line
     except DataError as e:
+        partial = getattr(e, "prepare_result", None)
+        if partial is not None:  # --strict: the summary of what was done before the stop
+            print(partial.report.summary(total=partial.total, kept=len(partial.written)), file=sys.stderr)
+            print(f"stopped after {len(partial.written)} file(s); {args.out} is marked incomplete "
+                  "(no index.jsonl): fix the input and run again", file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
@@ -200,12 +209,31 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0 if kept > 0 else 1
 
 
+def _check_prepare_args(args: argparse.Namespace) -> None:
+    """Ranges of the numeric options: 0 or a negative value is an error, never a silent default."""
+    from ..errors import ConfigValueError
+
+    checks = [("--num-codebooks", args.num_codebooks, 1, True), ("--min-duration", args.min_duration, 0, True),
+              ("--window-sec", args.window_sec, 0, False), ("--overlap-sec", args.overlap_sec, 0, True),
+              ("--workers", args.workers, 0, True)]
+    for opt, value, low, inclusive in checks:
+        if value is None:
+            continue
+        if value != value or (value < low if inclusive else value <= low):
+            raise ConfigValueError(f"{opt} must be {'>=' if inclusive else '>'} {low}, got {value}")
+
+
 def _load_tokenizer(path: Path, text_card: int):
     import sentencepiece
 
+    from ..errors import ConfigValueError
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"tokenizer not found: {path}")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError, ValueError) as e:  # sentencepiece's parse errors
+        raise ConfigValueError(f"tokenizer {path}: not a sentencepiece model ({' '.join(str(e).split())[:200]})") from e
     if sp.vocab_size() > text_card:
         raise ValueError(f"tokenizer {path} has {sp.vocab_size()} pieces, more than the model's text_card {text_card}")
     return sp

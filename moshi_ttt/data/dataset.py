@@ -4,7 +4,7 @@ Layout of a dataset directory::
 
     dataset.json          layout (n_q, dep_q, card, text_card, ids, frame_rate) + what produced it
     index.jsonl           one line per file: {"file_id", "path", "num_frames", "source"}
-    codes/<file_id>.safetensors
+    codes/<file_id>.safetensors   (its metadata holds the sha256 of its tensors, checked on load)
         codes        [1 + n_q, T] int32 on disk, int64 when loaded (moshi's layout: row 0 text,
                      rows 1..dep_q the Moshi (left) channel, rows dep_q+1..n_q the user channel)
         recall_mask  [T] uint8, optional: frames whose Moshi tokens (rows 0..dep_q) can only be
@@ -14,7 +14,9 @@ Layout of a dataset directory::
                      across spans; 0 = not a measured target); ``recall_mask == (recall_rung > 0)``
 
 Every file is written to a temporary name and moved into place (``os.replace``), so a crash never
-leaves a half-written file under a final name.
+leaves a half-written file under a final name. A writer stopped by an error writes ``dataset.json``
+with ``"complete": false`` and removes ``index.jsonl``: a partial dataset never looks complete, and
+:class:`EncodedDataset` refuses it with a message saying so.
 """
 
 from __future__ import annotations
@@ -121,6 +123,18 @@ class CodesLayout:
         return asdict(self)
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors``: what a codes file holds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` to a temporary file in the same folder, then ``os.replace``."""
     path = Path(path)
@@ -197,6 +211,14 @@ class EncodedDataset:
         meta_path = self.root / META_NAME
         index_path = self.root / INDEX_NAME
         if not index_path.is_file():
+            incomplete = False
+            try:
+                incomplete = json.loads(meta_path.read_text(encoding="utf-8")).get("complete") is False
+            except (OSError, ValueError, AttributeError):
+                pass
+            if incomplete:
+                raise DataError(str(self.root), "incomplete dataset: the command that wrote it stopped "
+                                "before the end (see prepare_report.json); run it again")
             raise DataError(str(index_path), "no index.jsonl: not an encoded dataset "
                             "(write one with `moshi-ttt prepare` or `moshi-ttt synth`)")
         try:
@@ -205,6 +227,7 @@ class EncodedDataset:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(str(meta_path), f"missing or malformed dataset.json ({e})") from e
         self.files: list[FileEntry] = []
+        self._digests: dict[str, str] = {}  # file_id -> sha256 written with the codes (when verified)
         seen: set[str] = set()
         for lineno, line in enumerate(index_path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -237,6 +260,9 @@ class EncodedDataset:
             return "codes file is missing"
         try:
             with safe_open(str(path), framework="pt") as f:
+                digest = (f.metadata() or {}).get("sha256")
+                if digest is not None:
+                    self._digests[entry.file_id] = digest
                 if "codes" not in f.keys():
                     return "codes file has no 'codes' tensor"
                 shape = tuple(f.get_slice("codes").get_shape())
@@ -281,6 +307,10 @@ class EncodedDataset:
             raise DataError(str(path), f"cannot load codes file ({type(e).__name__}: {e})") from e
         if "codes" not in tensors:
             raise DataError(str(path), "codes file has no 'codes' tensor")
+        digest = self._digests.get(file_id)
+        if digest is not None and tensors_sha256(tensors) != digest:
+            raise DataError(str(path), "codes file is corrupted (its sha256 does not match the one written "
+                            "with it); re-create it with `moshi-ttt prepare` / `synth`")
         codes = tensors["codes"].long()
         problem = self.layout.check_codes(codes)
         if problem is None and codes.shape[-1] != entry.num_frames:
@@ -288,6 +318,8 @@ class EncodedDataset:
         if problem is not None:
             raise DataError(str(path), problem)
         mask = tensors.get("recall_mask")
+        if mask is not None and mask.numel() and int(mask.max()) > 1:
+            raise DataError(str(path), f"recall_mask holds {int(mask.max())}, expected 0 or 1")
         rung = tensors.get("recall_rung")
         if rung is not None and tuple(rung.shape) != (entry.num_frames,):
             raise DataError(str(path), f"recall_rung shape {tuple(rung.shape)} != ({entry.num_frames},)")
@@ -314,6 +346,10 @@ class EncodedDatasetWriter:
         self.entries: list[FileEntry] = []
         self._ids: set[str] = set()
         (self.root / CODES_DIR).mkdir(parents=True, exist_ok=True)
+        # Until close(): marked incomplete, so a kill mid-write never leaves an old index that
+        # looks like it describes the files being rewritten.
+        self._write_meta(complete=False)
+        (self.root / INDEX_NAME).unlink(missing_ok=True)
 
     def add(self, file_id: str, codes: torch.Tensor, recall_mask: torch.Tensor | None = None,
             source: dict[str, Any] | None = None, recall_rung: torch.Tensor | None = None) -> FileEntry:
@@ -336,24 +372,38 @@ class EncodedDatasetWriter:
                 raise ValueError(f"{file_id}: recall_rung outside [0, 255]")
             tensors["recall_rung"] = recall_rung.to(torch.uint8)
         rel = f"{CODES_DIR}/{file_id}.safetensors"
-        metadata = {"format": FORMAT, "file_id": file_id, "layout": json.dumps(self.layout.to_json())}
+        metadata = {"format": FORMAT, "file_id": file_id, "layout": json.dumps(self.layout.to_json()),
+                    "sha256": tensors_sha256(tensors)}
         atomic_save_file(tensors, self.root / rel, metadata)
         entry = FileEntry(file_id, rel, T, dict(source or {}))
         self.entries.append(entry)
         self._ids.add(file_id)
         return entry
 
-    def close(self) -> None:
+    def _write_meta(self, complete: bool) -> None:
         meta = {"format": FORMAT, "layout": self.layout.to_json(), "produced_by": self.produced_by,
                 "num_files": len(self.entries), "num_frames": sum(e.num_frames for e in self.entries),
-                **self.extra_meta}
+                "complete": complete, **self.extra_meta}
         atomic_write_text(self.root / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        lines = [json.dumps(asdict(e), sort_keys=True) for e in self.entries]
-        atomic_write_text(self.root / INDEX_NAME, "".join(line + "\n" for line in lines))
+
+    def close(self, complete: bool = True) -> None:
+        """Write ``dataset.json`` and ``index.jsonl``; ``complete=False`` (after an error) writes
+        ``dataset.json`` marked incomplete and no index, so the folder is not taken for a dataset."""
+        if not complete:
+            (self.root / INDEX_NAME).unlink(missing_ok=True)
+        self._write_meta(complete)
+        if complete:
+            lines = [json.dumps(asdict(e), sort_keys=True) for e in self.entries]
+            atomic_write_text(self.root / INDEX_NAME, "".join(line + "\n" for line in lines))
 
     def __enter__(self) -> EncodedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # Write the index even after an error: it lists only files that were fully written.
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        try:  # stopped by an error: mark the output incomplete (the files written so far stay)
+            self.close(complete=False)
+        except OSError:
+            pass  # the folder may be what failed; the original error is what matters

@@ -89,7 +89,15 @@ class MimiSpec:
 def build_mimi(spec: MimiSpec, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build moshi's ``MimiModel`` for ``spec`` (eval mode, ``set_num_codebooks`` applied)."""
     if spec.kind == "weights":
-        return load_mimi(spec.weights, num_codebooks=spec.num_codebooks, device=device)  # type: ignore[arg-type]
+        try:
+            return load_mimi(spec.weights, num_codebooks=spec.num_codebooks, device=device)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors / torch.load / key errors of a wrong or corrupt file
+            from ..errors import IntegrityError
+
+            raise IntegrityError(f"{spec.weights}: not readable Mimi weights ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:200]})") from e
     # The full-size random Mimi keeps moshi's zero codebooks: it is for timing, codes don't matter.
     return random_mimi(tiny=spec.kind == "tiny", num_codebooks=spec.num_codebooks, card=spec.card,
                        seed=spec.seed, device=device)

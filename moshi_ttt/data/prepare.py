@@ -12,7 +12,17 @@ Code cache: ``<cache>/<key[:2]>/<key>.safetensors`` holding ``audio_codes`` [2 *
 and the audio's sample count and source rate. The key hashes the audio file's identity (resolved
 path, size, mtime; or its SHA-256 with ``hash_content``) and :meth:`MimiEncoder.cache_key` (Mimi
 config, weights file identity, number of codebooks, windowing), so changing any of them re-encodes.
-Entries are written through a temporary file and ``os.replace``; an unreadable entry is re-encoded.
+Entries are written through a temporary file and ``os.replace``, and carry a SHA-256 of their codes:
+an entry that is unreadable, fails its checksum, or holds codes of the wrong shape or outside
+``[0, card)`` is reported (naming the cache entry) and re-encoded. A cache folder that cannot be
+written is reported once and the run goes on without caching.
+
+Audio levels: a silent channel, samples beyond [-1, 1] and hard clipping are warnings (the file is
+kept); they are stored in the cache entry so a cache hit reports them again.
+
+If ``prepare`` stops (``--strict`` at the first problem, or any error), the output is marked
+incomplete: ``dataset.json`` says ``"complete": false`` and no ``index.jsonl`` is written, so the
+partial dataset cannot be mistaken for a complete one.
 """
 
 from __future__ import annotations
@@ -39,7 +49,12 @@ from .mimi import MimiEncoder
 from .report import DataError, Report
 from .text import TextConfig, Tokenizer, interleave, text_stream
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry a checksum and the audio level warnings
+
+# Audio level checks (float samples in [-1, 1]): a channel quieter than this RMS is silent.
+SILENCE_RMS = 1e-4
+# More than this fraction of samples at full scale means the recording was clipped.
+CLIP_FRACTION = 1e-3
 
 
 @dataclass
@@ -162,13 +177,45 @@ def audio_identity(path: Path, hash_content: bool) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-class CodeCache:
-    """Mimi codes per audio file on disk, keyed on the audio's identity and the encoder's."""
+def audio_level_problems(wav: np.ndarray) -> list[str]:
+    """Warnings about the levels of ``wav`` [2, N] float: silent channels, over-range, clipping."""
+    out = []
+    for c, name in enumerate(("left (Moshi)", "right (user)")):
+        x = wav[c]
+        peak = float(np.abs(x).max()) if x.size else 0.0
+        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+        if rms < SILENCE_RMS:
+            out.append(f"{name} channel is silent (RMS {rms:.1e})")
+        if peak > 1.0:
+            n = int((np.abs(x) > 1.0).sum())
+            out.append(f"{name} channel is over range: peak {peak:.2f} ({n} sample(s) beyond [-1, 1]); "
+                       "Mimi expects [-1, 1]")
+        elif x.size and float((np.abs(x) >= 0.999).mean()) > CLIP_FRACTION:
+            out.append(f"{name} channel is clipped ({100 * float((np.abs(x) >= 0.999).mean()):.2f}% of "
+                       "samples at full scale)")
+    return out
 
-    def __init__(self, root: Path, encoder_key: str, hash_content: bool = False):
+
+def codes_digest(codes: torch.Tensor) -> str:
+    """SHA-256 of a cache entry's codes (int16 bytes, shape included)."""
+    t = codes.to(torch.int16).contiguous()
+    return hashlib.sha256(f"{tuple(t.shape)}|".encode() + t.numpy().tobytes()).hexdigest()
+
+
+class CodeCache:
+    """Mimi codes per audio file on disk, keyed on the audio's identity and the encoder's.
+
+    ``rows``, ``card`` and ``frame_size`` (when given) are what a valid entry must fit: ``rows``
+    codebooks of ``ceil(num_samples / frame_size)`` frames, every code in ``[0, card)``.
+    """
+
+    def __init__(self, root: Path, encoder_key: str, hash_content: bool = False, rows: int | None = None,
+                 card: int | None = None, frame_size: int | None = None):
         self.root = Path(root)
         self.encoder_key = encoder_key
         self.hash_content = hash_content
+        self.rows, self.card, self.frame_size = rows, card, frame_size
+        self.writable = True  # set False after the first refused write: go on without caching
 
     def key(self, audio: Path) -> str:
         material = {"v": CACHE_VERSION, "audio": audio_identity(audio, self.hash_content), "encoder": self.encoder_key}
@@ -183,21 +230,48 @@ class CodeCache:
         if not p.is_file():
             return None
         try:
-            codes = load_file(str(p))["audio_codes"].long()
+            raw = load_file(str(p))["audio_codes"]
             from safetensors import safe_open
 
             with safe_open(str(p), framework="pt") as f:
-                info = json.loads(f.metadata()["info"])
-            return codes, info
-        except Exception as e:
-            report.add(source, f"cache entry {p.name} unreadable ({type(e).__name__}); re-encoding",
-                       action="note", kind="cache entry re-encoded")
+                meta = f.metadata() or {}
+            info = json.loads(meta["info"])
+            problem = self._check(raw, info, meta.get("sha256"))
+        except Exception as e:  # safetensors, JSON and key errors alike: the entry is unusable
+            problem = f"unreadable ({type(e).__name__})"
+        if problem is not None:
+            report.add(source, f"cache entry {p} {problem}; re-encoding", action="note",
+                       kind="cache entry re-encoded")
             return None
+        return raw.long(), info
 
-    def put(self, key: str, codes: torch.Tensor, info: dict[str, Any]) -> None:
+    def _check(self, raw: torch.Tensor, info: dict[str, Any], digest: str | None) -> str | None:
+        if digest is None or codes_digest(raw) != digest:
+            return "fails its checksum (corrupted)"
+        if raw.dim() != 2 or (self.rows is not None and raw.shape[0] != self.rows):
+            return f"has codes of shape {tuple(raw.shape)}, expected [{self.rows}, T]"
+        n = info.get("num_samples")
+        if self.frame_size and isinstance(n, int) and raw.shape[1] != -(-n // self.frame_size):
+            return f"has {raw.shape[1]} frames for {n} samples"
+        if raw.numel() and (int(raw.min()) < 0 or (self.card is not None and int(raw.max()) >= self.card)):
+            return f"holds codes outside [0, {self.card}) ([{int(raw.min())}, {int(raw.max())}])"
+        return None
+
+    def put(self, key: str, codes: torch.Tensor, info: dict[str, Any], report: Report | None = None) -> None:
+        """Store an entry; a refused write (read-only, disk full) is reported once, then caching stops."""
+        if not self.writable:
+            return
         # int16 holds every Mimi code (card <= 2048).
-        atomic_save_file({"audio_codes": codes.to(torch.int16)}, self.path(key),
-                         {"info": json.dumps(info), "encoder": self.encoder_key})
+        try:
+            atomic_save_file({"audio_codes": codes.to(torch.int16)}, self.path(key),
+                             {"info": json.dumps(info), "encoder": self.encoder_key,
+                              "sha256": codes_digest(codes)})
+        except OSError as e:
+            self.writable = False
+            if report is None:
+                raise
+            report.add(str(self.root), f"cache folder not writable ({e.strerror or e}); going on without "
+                       "caching", action="note", kind="cache not writable")
 
 
 @dataclass
@@ -208,6 +282,7 @@ class _Loaded:
     source: str
     words: list[Word] | None = None
     key: str | None = None
+    level_warnings: list[str] = field(default_factory=list)
     wav: np.ndarray | None = None
     source_sample_rate: int | None = None
     cached: tuple[torch.Tensor, dict[str, Any]] | None = None
@@ -232,11 +307,15 @@ def _load(entry: ManifestEntry, encoder: MimiEncoder, cache: CodeCache, cfg: Pre
         if sr is not None and sr != encoder.sample_rate:
             report.add(source, f"resampled from {sr} Hz to {encoder.sample_rate} Hz (cached)",
                        action="note", kind="resampled")
-        return item
-    loaded = load_stereo(entry.path, encoder.sample_rate, cfg.min_duration_sec, source, report)
-    if loaded is None:
-        return None
-    item.wav, item.source_sample_rate = loaded
+        item.level_warnings = list(item.cached[1].get("level_warnings", []))
+    else:
+        loaded = load_stereo(entry.path, encoder.sample_rate, cfg.min_duration_sec, source, report)
+        if loaded is None:
+            return None
+        item.wav, item.source_sample_rate = loaded
+        item.level_warnings = audio_level_problems(item.wav)
+    for problem in item.level_warnings:
+        report.add(source, problem + "; kept", action="warning", kind="audio level")
     return item
 
 
@@ -286,13 +365,41 @@ def prepare(manifest: str | Path, encoder: MimiEncoder, tokenizer: Tokenizer, cf
     report = Report(strict=cfg.strict)
     entries = read_manifest(manifest, report)
     total = len(entries) + len(report.by_action("skipped"))
-    cache = CodeCache(cfg.cache, encoder.cache_key(), cfg.hash_content)  # type: ignore[arg-type]
+    cache = CodeCache(cfg.cache, encoder.cache_key(), cfg.hash_content,  # type: ignore[arg-type]
+                      rows=2 * encoder.num_codebooks, card=encoder.cardinality, frame_size=encoder.frame_size)
     produced_by = {"tool": "moshi-ttt prepare", "manifest": str(Path(manifest).resolve()),
                    "mimi": encoder.spec.identity(), "tokenizer": tokenizer_path,
                    "main_speaker": cfg.main_speaker}
     result = PrepareResult(total=total, written=[], report=report)
-    used_ids: set[str] = set()
     bar = tqdm(total=len(entries), unit="file", desc="prepare", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        _encode_all(entries, encoder, tokenizer, cfg, cache, report, result, produced_by, bar)
+    except BaseException as e:
+        bar.close()
+        try:
+            _write_report(cfg, result, complete=False, reason=str(e) or type(e).__name__)
+        except OSError:  # the output folder itself may be what failed; the error says so
+            pass
+        e.prepare_result = result  # type: ignore[attr-defined]  # the CLI prints its summary
+        raise
+    bar.close()
+    _write_report(cfg, result, complete=True)
+    return result
+
+
+def _write_report(cfg: PrepareConfig, result: PrepareResult, complete: bool, reason: str | None = None) -> None:
+    atomic_write_text(cfg.out / "prepare_report.json", json.dumps(
+        {"complete": complete, "stopped_by": reason, "total": result.total, "written": len(result.written),
+         "issues": result.report.to_json(), "audio_sec_encoded": result.audio_sec,
+         "encode_sec": result.encode_sec, "cache_hits": result.cache_hits}, indent=2) + "\n")
+
+
+def _encode_all(entries: list[ManifestEntry], encoder: MimiEncoder, tokenizer: Tokenizer, cfg: PrepareConfig,
+                cache: CodeCache, report: Report, result: PrepareResult, produced_by: dict[str, Any],
+                bar: tqdm) -> None:
+    """The encoding loop of :func:`prepare` (the writer marks the output incomplete on an error)."""
+    layout = cfg.layout
+    used_ids: set[str] = set()
     with EncodedDatasetWriter(cfg.out, layout, produced_by) as writer:
         loader = lambda e: _load(e, encoder, cache, cfg, report)  # noqa: E731
         for entry, item in _prefetch(loader, entries, cfg.workers):
@@ -310,8 +417,8 @@ def prepare(manifest: str | Path, encoder: MimiEncoder, tokenizer: Tokenizer, cf
                 n = item.wav.shape[-1]
                 result.audio_sec += n / encoder.sample_rate
                 info = {"num_samples": n, "sample_rate": encoder.sample_rate,
-                        "source_sample_rate": item.source_sample_rate}
-                cache.put(item.key, audio_codes, info)  # type: ignore[arg-type]
+                        "source_sample_rate": item.source_sample_rate, "level_warnings": item.level_warnings}
+                cache.put(item.key, audio_codes, info, report)  # type: ignore[arg-type]
                 item.wav = None  # free the audio before the next file
             T = int(audio_codes.shape[-1])
             duration = info["num_samples"] / info["sample_rate"]
@@ -336,12 +443,6 @@ def prepare(manifest: str | Path, encoder: MimiEncoder, tokenizer: Tokenizer, cf
             if result.encode_sec > 0:
                 bar.set_postfix(rtf=f"{result.encode_real_time_factor:.1f}x", refresh=False)
             bar.update(1)
-    bar.close()
-    atomic_write_text(cfg.out / "prepare_report.json", json.dumps(
-        {"total": total, "written": len(result.written), "issues": report.to_json(),
-         "audio_sec_encoded": result.audio_sec, "encode_sec": result.encode_sec,
-         "cache_hits": result.cache_hits}, indent=2) + "\n")
-    return result
 
 
 def default_workers() -> int:

@@ -40,6 +40,8 @@ class TextConfig:
         main_speaker: speaker label of the Moshi (left) channel's words.
         end_tolerance_sec: words may end this far past the audio without a warning (aligners
             round timestamps).
+        unknown_id: the id written for characters the tokenizer does not know (default: see
+            :func:`unknown_substitute`; never a control id).
     """
 
     frame_rate: float = 12.5
@@ -47,6 +49,7 @@ class TextConfig:
     end_of_text_padding_id: int = 0
     main_speaker: str = "SPEAKER_MAIN"
     end_tolerance_sec: float = 0.5
+    unknown_id: int | None = None
 
 
 def place_tokens(words: Sequence[tuple[float, Sequence[int]]], num_frames: int, frame_rate: float,
@@ -87,7 +90,15 @@ def select_words(words: Sequence[Word], duration: float, cfg: TextConfig, source
     but end past it (beyond ``end_tolerance_sec``) are kept and reported; no word for
     ``main_speaker`` while other speakers have words means the text stream will be padding only.
     """
+    if not words:
+        report.add(source, "the alignment has no words; the text stream is padding only",
+                   action="warning", kind="empty alignment")
     main = [w for w in words if w.speaker == cfg.main_speaker]
+    negative = [w for w in main if w.start < 0 or w.end < 0]
+    if negative:
+        w = negative[0]
+        report.add(source, f"{len(negative)} word(s) with negative times (first: {w.text!r} {w.start:.2f}-"
+                   f"{w.end:.2f} s); their tokens start at frame 0", action="warning", kind="negative times")
     if words and not main:
         speakers = sorted({w.speaker for w in words})
         report.add(source, f"no words for speaker {cfg.main_speaker!r} (speakers present: {speakers}); "
@@ -124,6 +135,7 @@ def text_stream(words: Sequence[Word], tokenizer: Tokenizer, num_frames: int, du
     """
     kept = select_words(words, duration, cfg, source, report)
     tokenised = [(w.start, list(tokenizer.encode(w.text.strip()))) for w in kept if w.text.strip()]
+    tokenised = _replace_unknown(tokenised, kept, tokenizer, cfg, source, report)
     if text_card is not None:
         for _, toks in tokenised:
             if toks and max(toks) >= text_card:
@@ -135,6 +147,58 @@ def text_stream(words: Sequence[Word], tokenizer: Tokenizer, num_frames: int, du
         report.add(source, f"{dropped} text token(s) of the last words do not fit before the end of the "
                    f"audio ({num_frames} frames) and are dropped", action="warning", kind="alignment past end")
     return text
+
+
+def _tokenizer_unk_id(tokenizer: Tokenizer) -> int | None:
+    fn = getattr(tokenizer, "unk_id", None)
+    try:
+        return int(fn()) if callable(fn) else None
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def unknown_substitute(tokenizer: Tokenizer, cfg: TextConfig) -> int:
+    """The id that stands for characters the tokenizer does not know.
+
+    ``cfg.unknown_id`` if set; else the tokenizer's own unknown id when it is not one of the text
+    stream's control ids; else (sentencepiece's default ``unk_id=0`` is moshi's end-of-padding id)
+    the piece of a known placeholder ("?", "-", "'", "."), or the first ordinary piece. Never a
+    control id: an unknown character must not read as "padding ends here" or as padding.
+    """
+    control = {cfg.text_padding_id, cfg.end_of_text_padding_id}
+    if cfg.unknown_id is not None:
+        if cfg.unknown_id in control:
+            raise ValueError(f"TextConfig.unknown_id={cfg.unknown_id} is a control id of the text stream")
+        return cfg.unknown_id
+    unk = _tokenizer_unk_id(tokenizer)
+    if unk is not None and unk not in control:
+        return unk
+    special = set(control) | ({unk} if unk is not None else set())
+    for ch in ("?", "-", "'", "."):
+        ids = [i for i in tokenizer.encode(ch) if i not in special]
+        if ids and len(ids) == len(tokenizer.encode(ch)):
+            return ids[-1]
+    is_ordinary = getattr(tokenizer, "is_unknown", None), getattr(tokenizer, "is_control", None)
+    size = getattr(tokenizer, "vocab_size", lambda: 0)()
+    for i in range(size):
+        if i in special or any(f is not None and f(i) for f in is_ordinary):
+            continue
+        return i
+    raise ValueError("the tokenizer has no ordinary piece to stand for unknown characters; set TextConfig.unknown_id")
+
+
+def _replace_unknown(tokenised: list[tuple[float, list[int]]], kept: Sequence[Word], tokenizer: Tokenizer,
+                     cfg: TextConfig, source: str, report: Report) -> list[tuple[float, list[int]]]:
+    """Map the tokenizer's unknown id to :func:`unknown_substitute`, with one warning per file."""
+    unk = _tokenizer_unk_id(tokenizer)
+    if unk is None or not any(unk in toks for _, toks in tokenised):
+        return tokenised
+    sub = unknown_substitute(tokenizer, cfg)
+    chars = sorted({c for w in kept for c in w.text.strip() if unk in tokenizer.encode(c)})
+    n = sum(toks.count(unk) for _, toks in tokenised)
+    report.add(source, f"{n} token(s) of characters the tokenizer does not know ({''.join(chars)[:40]!r}); "
+               f"written as id {sub}", action="warning", kind="unknown characters")
+    return [(start, [sub if t == unk else t for t in toks]) for start, toks in tokenised]
 
 
 def interleave(text: torch.Tensor, moshi_codes: torch.Tensor, user_codes: torch.Tensor) -> torch.Tensor:

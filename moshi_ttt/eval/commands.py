@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 HELP = """Evaluate a trained checkpoint on held-out files, chunk after chunk, in either memory mode.
@@ -31,22 +30,33 @@ def default_out(checkpoint: Path, data: str | Path) -> Path:
     return checkpoint.parent.parent / "eval" / f"{checkpoint.name}-{Path(data).resolve().name}"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Ranges of the numeric options (0 or negative never falls back to a default silently)."""
+    from ..errors import ConfigValueError
+
+    for opt, value in (("--chunk-frames", args.chunk_frames), ("--lanes", args.lanes),
+                       ("--max-files", args.max_files)):
+        if value is not None and value < 1:
+            raise ConfigValueError(f"{opt} must be >= 1, got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Entry point of ``moshi-ttt eval``; errors are printed by the caller (one line, exit code)."""
     from ..data.dataset import EncodedDataset
-    from ..train.checkpoint import CheckpointError
+    from ..data.report import DataError
     from ..train.loop import load_trained
     from .evaluate import corpus_kind, evaluate, summarize
 
-    try:
-        model, cfg, ck = load_trained(args.checkpoint, device=args.device)
-        ds = EncodedDataset(args.data)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.chunk_frames is not None and args.chunk_frames < 1:
-        print(f"error: --chunk-frames must be at least 1, got {args.chunk_frames}", file=sys.stderr)
-        return 2
-    chunk = args.chunk_frames or cfg.data.chunk_frames
+    check_args(args)
+    model, cfg, ck = load_trained(args.checkpoint, device=args.device)
+    ds = EncodedDataset(args.data)
+    rows = ds.layout.num_rows
+    if rows != model.num_codebooks:
+        raise DataError(str(args.data), f"codes have {rows} rows, the model of {ck} expects "
+                        f"{model.num_codebooks} (1 text + n_q audio): data of another layout")
+    if len(ds) == 0:
+        raise DataError(str(args.data), "no usable file in the dataset")
+    chunk = args.chunk_frames if args.chunk_frames is not None else cfg.data.chunk_frames
     modes = ["reset", "persistent"] if args.mode == "both" else [args.mode]
     if not model.ttt_layers:
         modes = ["none"]

@@ -10,12 +10,18 @@ Two granularities, one file format (safetensors + JSON metadata):
   it in another process continues the stream exactly where it stopped.
 
 Loading checks the model: layers, shapes and the TTT config must match, or a ``ValueError`` says
-which tensor or setting differs.
+which tensor or setting differs. Integrity: both files carry a SHA-256 of their tensors, checked on
+load, and every floating tensor must be finite (saving refuses a non-finite memory, loading refuses
+one with :class:`~moshi_ttt.errors.IntegrityError` naming the file and the tensor).
+
+``snapshot_stream`` / ``restore_stream`` keep an in-memory copy of the same state: the trainer
+takes one before each step and restores it when the step is skipped as non-finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from moshi.modules.transformer import RingKVCache
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import IntegrityError
 from ..ttt.state import TTTState, load_states, save_states, state_from_tensors
 from .build import ttt_blocks
 from .hybrid import TTTBlock, TTTBlockState
@@ -46,24 +53,63 @@ def _streaming_blocks(model) -> dict[int, TTTBlockState]:
     return out
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise :class:`IntegrityError` naming ``source`` and the first tensor holding NaN or inf."""
+    for k, t in tensors.items():
+        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise IntegrityError(f"{source}: tensor {k!r} holds {n} NaN or infinite value(s); refusing to use it")
+
+
+def _memory_tensors(states: dict[str, TTTState]) -> dict[str, torch.Tensor]:
+    return {f"{name}/{n}": t for name, st in states.items() for n, t in st.items()}
+
+
 def save_memory(model, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write the TTT memory of a streaming ``model`` (one state per TTT layer) to ``path``."""
+    """Write the TTT memory of a streaming ``model`` (one state per TTT layer) to ``path``.
+
+    A non-finite memory is refused (:class:`IntegrityError`): it would poison every later load."""
     states = {f"layer{i}": st.memory for i, st in _streaming_blocks(model).items()}
-    save_states(path, states, {**_model_meta(model), **(extra or {})})
+    flat = _memory_tensors(states)
+    check_finite(flat, f"memory to save to {path}")
+    save_states(path, states, {**_model_meta(model), **(extra or {}), "sha256": tensors_digest(flat)})
 
 
 def load_memory(model, path: str | Path) -> dict[str, Any]:
-    """Restore TTT memory saved by ``save_memory`` into a streaming ``model`` (same batch size)."""
-    grouped, meta = load_states(path)
+    """Restore TTT memory saved by ``save_memory`` into a streaming ``model`` (same batch size).
+
+    Checks the SHA-256 (when the file has one) and that every tensor is finite."""
+    try:
+        grouped, meta = load_states(path)
+    except ValueError as e:  # unreadable or not a memory file
+        raise IntegrityError(str(e)) from e
+    flat = {f"{name}/{n}": t for name, d in grouped.items() for n, t in d.items()}
+    digest = meta.get("sha256")
+    if digest is not None and tensors_digest(flat) != digest:
+        raise IntegrityError(f"{path}: memory file is corrupted (sha256 of its tensors does not match)")
+    check_finite(flat, path)
     mine = _model_meta(model)
     if meta.get("ttt_layers") != mine["ttt_layers"]:
-        raise ValueError(f"{path}: memory of TTT layers {meta.get('ttt_layers')}, model has {mine['ttt_layers']}")
+        raise IntegrityError(f"{path}: memory of TTT layers {meta.get('ttt_layers')}, model has {mine['ttt_layers']}")
     for key in ("mini_batch_size", "num_heads", "qk_l2_norm", "rope"):
         if (meta.get("ttt") or {}).get(key) != (mine["ttt"] or {}).get(key):
-            raise ValueError(f"{path}: TTT setting {key}={meta['ttt'].get(key)!r} differs from the "
+            raise IntegrityError(f"{path}: TTT setting {key}={meta['ttt'].get(key)!r} differs from the "
                              f"model's {mine['ttt'].get(key)!r}")
     for i, st in _streaming_blocks(model).items():
-        new = state_from_tensors(grouped[f"layer{i}"], like=st.memory, source=f"{path} layer{i}")
+        try:
+            new = state_from_tensors(grouped[f"layer{i}"], like=st.memory, source=f"{path} layer{i}")
+        except (KeyError, ValueError) as e:  # a tensor missing or of another shape
+            raise IntegrityError(f"{path}: memory of layer {i} does not fit the model ({e})") from e
         TTTBlock.store_memory(st, new)
     return meta
 
@@ -107,7 +153,9 @@ def save_stream(module: StreamingModule, path: str | Path) -> None:
             raise RuntimeError(f"{name or 'module'} is not streaming")
         for f in _state_fields(state):
             _flatten(getattr(state, f, None), f"{name}:{f}", tensors, scalars)
-    meta = {"format": "moshi-ttt-stream", "scalars": json.dumps(scalars), **_safe_meta(module)}
+    check_finite(tensors, f"stream state to save to {path}")
+    meta = {"format": "moshi-ttt-stream", "scalars": json.dumps(scalars), **_safe_meta(module),
+            "sha256": tensors_digest(tensors)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -123,19 +171,25 @@ def _safe_meta(module) -> dict[str, str]:
 def load_stream(module: StreamingModule, path: str | Path) -> None:
     """Restore a state written by ``save_stream`` into ``module`` (streaming, same batch size)."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise IntegrityError(f"{path}: not a readable stream file ({type(e).__name__}: {e})") from e
     if meta.get("format") != "moshi-ttt-stream":
-        raise ValueError(f"{path}: not a moshi-ttt stream file")
+        raise IntegrityError(f"{path}: not a moshi-ttt stream file")
+    if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:
+        raise IntegrityError(f"{path}: stream file is corrupted (sha256 of its tensors does not match)")
+    check_finite(tensors, path)
     scalars = json.loads(meta["scalars"])
 
     def put(dst: torch.Tensor, key: str) -> None:
         src = tensors.get(key)
         if src is None:
-            raise ValueError(f"{path}: missing tensor {key!r}")
+            raise IntegrityError(f"{path}: missing tensor {key!r}")
         if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(f"{path}: {key!r} has shape {tuple(src.shape)}, the stream {tuple(dst.shape)}")
+            raise IntegrityError(f"{path}: {key!r} has shape {tuple(src.shape)}, the stream {tuple(dst.shape)}")
         dst.copy_(src.to(dst.dtype))
 
     with torch.no_grad():
@@ -157,3 +211,82 @@ def load_stream(module: StreamingModule, path: str | Path) -> None:
                     put(obj.end_offset, f"{key}.end_offset")
                 elif key in scalars:
                     setattr(state, f, scalars[key])
+
+
+# ----------------------------------------------------------------------------- in-memory snapshot
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+def snapshot_stream(module: StreamingModule) -> dict[str, dict[str, Any]]:
+    """A detached copy of every streaming state field of ``module`` (TTT memory, KV caches,
+    offsets, masks), to put back with :func:`restore_stream`. Costs one copy of the state."""
+    snap: dict[str, dict[str, Any]] = {}
+    for name, state in _all_states(module).items():
+        if state is None:
+            continue
+        fields: dict[str, Any] = {}
+        for f in _state_fields(state):
+            obj = getattr(state, f, None)
+            if isinstance(obj, torch.Tensor):
+                fields[f] = _clone(obj)
+            elif isinstance(obj, TTTState):
+                fields[f] = obj.map(lambda _, t: _clone(t))
+            elif isinstance(obj, RingKVCache):
+                fields[f] = (_clone(obj.cache), _clone(obj.end_offset), obj.capacity)
+            elif isinstance(obj, (int, float, bool)) or obj is None:
+                fields[f] = obj
+        snap[name] = fields
+    return snap
+
+
+def restore_stream(module: StreamingModule, snap: dict[str, dict[str, Any]]) -> None:
+    """Put back a :func:`snapshot_stream` (same streaming session); the snapshot stays usable."""
+    states = _all_states(module)
+    with torch.no_grad():
+        for name, fields in snap.items():
+            state = states[name]
+            for f, val in fields.items():
+                obj = getattr(state, f, None)
+                if isinstance(val, torch.Tensor):
+                    setattr(state, f, _clone(val))
+                elif isinstance(val, TTTState):
+                    if isinstance(state, TTTBlockState):
+                        state.memory = val.map(lambda _, t: _clone(t))
+                    else:
+                        setattr(state, f, val.map(lambda _, t: _clone(t)))
+                elif isinstance(val, tuple) and isinstance(obj, RingKVCache):
+                    obj.cache, obj.end_offset, obj.capacity = _clone(val[0]), _clone(val[1]), val[2]
+                    if getattr(obj, "live", None) is not None:
+                        obj.live = None  # the span's graph-carrying copy: the values are back in cache
+                else:
+                    setattr(state, f, val)
+
+
+def stream_finite(module: StreamingModule) -> bool:
+    """True when every floating tensor of the streaming state is finite."""
+    for state in _all_states(module).values():
+        if state is None:
+            continue
+        for f in _state_fields(state):
+            obj = getattr(state, f, None)
+            ts = ([obj] if isinstance(obj, torch.Tensor) else [t for _, t in obj.items()]
+                  if isinstance(obj, TTTState) else [obj.cache] if isinstance(obj, RingKVCache) else [])
+            for t in ts:
+                if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                    return False
+    return True
+
+
+def stream_nbytes(module: StreamingModule) -> int:
+    """Bytes of the streaming state's tensors (what ``save_stream`` writes, about)."""
+    total = 0
+    for state in _all_states(module).values():
+        if state is None:
+            continue
+        for f in _state_fields(state):
+            obj = getattr(state, f, None)
+            ts = ([obj] if isinstance(obj, torch.Tensor) else [t for _, t in obj.items()]
+                  if isinstance(obj, TTTState) else [obj.cache] if isinstance(obj, RingKVCache) else [])
+            total += sum(t.numel() * t.element_size() for t in ts)
+    return total

@@ -7,6 +7,10 @@
 * ``save_ttt_checkpoint`` / ``load_ttt_checkpoint``: the TTT (and LoRA) parameters alone, as
   ``ttt.safetensors`` + ``ttt_config.json``, like a LoRA adapter beside the base weights.
 * ``apply_lora``: moshi's own LoRA on every linear except TTT's.
+
+Integrity: an adapter records the SHA-256 of its tensors in ``ttt_config.json`` (checked on load);
+every loaded tensor (stock weights and adapters) must be finite. Failures are a
+:class:`WeightsError` naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from moshi.modules.transformer import StreamingTransformer, StreamingTransformer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import IntegrityError
 from ..ttt.config import TTTConfig
 from .build import TTT_KEY_MARKER, build_lm, ttt_blocks
 from .hybrid import TTTBlock
@@ -36,8 +41,9 @@ _NON_LM_KEYS = {"moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name",
                 "lm_gen_config", "tts_config", "stt_config", "model_id"}
 
 
-class WeightsError(ValueError):
-    """Weights or config do not fit the model; the message names the file and the key."""
+class WeightsError(IntegrityError):
+    """Weights or config do not fit the model, or fail an integrity check; the message names the
+    file and the key (exit code 5)."""
 
 
 def _known_lm_keys() -> set[str]:
@@ -102,6 +108,21 @@ def load_state_into(model: LMModel, state: dict[str, torch.Tensor], source: str)
         raise WeightsError(f"{source}: key(s) missing from the weights (only TTT keys may be): {_short(missing)}")
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """A NaN or inf in a weight is a corrupt file (a flipped exponent bit, a diverged run)."""
+    for k, t in tensors.items():
+        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise WeightsError(f"{source}: tensor {k!r} holds {n} NaN or infinite value(s): corrupt or "
+                               "diverged weights")
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    from .memory import tensors_digest
+
+    return tensors_digest(tensors)
+
+
 def _short(keys: list[str], n: int = 10) -> str:
     more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -120,6 +141,7 @@ def load_lm(weights: str | Path, config: str | Path, ttt_config: TTTConfig | Non
         state = load_file(str(weights), device=str(device))
     except Exception as e:
         raise WeightsError(f"{weights}: not a readable safetensors file ({e})") from e
+    _check_finite(state, weights)
     for k, v in state.items():
         if v.dtype.is_floating_point:
             # moshi keeps the conditioners in float32, everything else in the model dtype.
@@ -161,9 +183,13 @@ def trainable_names(model: nn.Module, which: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ TTT checkpoints
-def _adapter_keys(model: nn.Module) -> list[str]:
+def adapter_keys(model: nn.Module) -> list[str]:
+    """Names of the parameters an adapter folder holds (TTT and LoRA)."""
     return [n for n, _ in model.named_parameters()
             if TTT_KEY_MARKER in n or ".lora_A." in n or ".lora_B." in n]
+
+
+_adapter_keys = adapter_keys
 
 
 def save_ttt_checkpoint(model: LMModel, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -180,6 +206,7 @@ def save_ttt_checkpoint(model: LMModel, folder: str | Path, extra: dict[str, Any
         "num_layers": len(model.transformer.layers),
         "lora": {"rank": lora[0].lora_A.out_features, "scaling": lora[0].scaling} if lora else None,
         **(extra or {}),
+        "sha256": _tensors_digest(tensors),
     }
     tmp = folder / (TTT_WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp))
@@ -191,12 +218,27 @@ def save_ttt_checkpoint(model: LMModel, folder: str | Path, extra: dict[str, Any
 
 
 def read_ttt_checkpoint_config(folder: str | Path) -> dict[str, Any]:
+    """``ttt_config.json`` of an adapter folder, checked: valid JSON, the expected keys and types."""
     path = Path(folder) / TTT_CONFIG_NAME
     if not path.is_file():
         raise WeightsError(f"TTT checkpoint config not found: {path}")
-    cfg = json.loads(path.read_text())
-    if cfg.get("format") != "moshi-ttt-adapter":
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict) or cfg.get("format") != "moshi-ttt-adapter":
         raise WeightsError(f"{path}: not a moshi-ttt adapter config")
+    if not isinstance(cfg.get("ttt"), dict):
+        raise WeightsError(f"{path}: key 'ttt' must be a mapping of TTT settings, got {cfg.get('ttt')!r}")
+    layers = cfg.get("ttt_layers")
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise WeightsError(f"{path}: key 'ttt_layers' must be a list of layer indices, got {layers!r}")
+    if "sha256" in cfg and not isinstance(cfg["sha256"], str):
+        raise WeightsError(f"{path}: key 'sha256' must be a string")
+    try:
+        TTTConfig.from_dict(cfg["ttt"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise WeightsError(f"{path}: invalid TTT settings under 'ttt' ({e})") from e
     return cfg
 
 
@@ -221,6 +263,9 @@ def load_ttt_checkpoint(model: LMModel, folder: str | Path) -> None:
         raise WeightsError(f"{path}: unexpected key(s): {_short(unexpected)}")
     if missing:
         raise WeightsError(f"{path}: missing key(s): {_short(missing)}")
+    if "sha256" in cfg and _tensors_digest(tensors) != cfg["sha256"]:
+        raise WeightsError(f"{path}: adapter weights are corrupted (sha256 does not match {TTT_CONFIG_NAME})")
+    _check_finite(tensors, path)
     with torch.no_grad():
         for k, t in tensors.items():
             p = params[k]

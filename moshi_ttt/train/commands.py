@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set steps=500")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="start again from step 0 in a run folder that has checkpoints (with --resume: when "
+                   "none of them is intact); the old checkpoints and metrics are moved aside, never deleted")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -40,29 +43,39 @@ def missing_data(cfg) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_train_config
+    """Entry point of ``moshi-ttt train``; errors are printed by the caller (one line, exit code)."""
+    from ..errors import EXIT_SIGINT, EXIT_SIGTERM
+    from .config import load_train_config
     from .loop import Trainer, TrainingStopped
 
-    try:
-        cfg = load_train_config(args.config, args.set)
-        if args.quiet:
-            cfg.progress = False
-        if (hint := missing_data(cfg)) is not None:
-            print(f"error: {hint}", file=sys.stderr)
-            return 2
-        trainer = Trainer(cfg, resume=args.resume)
-        summary = trainer.train()
-        trainer.close()
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = load_train_config(args.config, args.set)
+    if args.quiet:
+        cfg.progress = False
+    if (hint := missing_data(cfg)) is not None:
+        print(f"error: {hint}", file=sys.stderr)
         return 2
+    trainer = Trainer(cfg, resume=args.resume, restart=getattr(args, "restart", False))
+    try:
+        summary = trainer.train()
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
-        return 3
-    print(f"done: {summary['steps']} steps, final training loss (text + audio) {summary['final_loss']:.4f}, "
+        return e.exit_code
+    finally:
+        trainer.close()
+    if summary.get("already_finished"):
+        print(f"nothing to do: the run in {summary['run_dir']} already finished at step {summary['steps']} "
+              f"(steps={cfg.steps}); its summary.json is kept. Raise --set steps=N to train further.")
+        return 0
+    loss = summary["final_loss"]
+    loss_txt = f"{loss:.4f}" if isinstance(loss, (int, float)) else "n/a"
+    if summary["interrupted"]:
+        sig = summary.get("signal") or "SIGINT"
+        print(f"interrupted by {sig} at step {summary['steps']} (last loss {loss_txt}); a checkpoint was "
+              f"written: continue with --resume; run in {summary['run_dir']}")
+        return EXIT_SIGTERM if sig == "SIGTERM" else EXIT_SIGINT
+    print(f"done: {summary['steps']} steps, final training loss (text + audio) {loss_txt}, "
           f"{summary['skipped_steps']} skipped; run in {summary['run_dir']}")
-    return 130 if summary["interrupted"] else 0
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,5 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
     p = argparse.ArgumentParser(prog="python -m moshi_ttt.train", description=HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import debug_requested, run_guarded
+
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw)
+    return run_guarded(lambda: run(args), debug_requested(raw))

@@ -7,6 +7,7 @@ Unknown keys and values of the wrong type are errors that name the dotted key
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,12 +16,13 @@ from typing import Any, Literal
 
 import yaml
 
+from ..errors import ConfigValueError
 from ..model.loss import LossConfig
 from ..ttt.config import TTTConfig, TTTConfigError
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the dotted key."""
+class ConfigError(ConfigValueError):
+    """A configuration value is invalid; the message names the dotted key (exit code 2)."""
 
 
 @dataclass
@@ -93,17 +95,85 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Check every value against its range; the error names the dotted key and the value."""
         for name in ("steps", "bptt_chunks", "log_every", "eval_every", "ckpt_every", "keep_last", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.data.chunk_frames < 1 or self.data.lanes < 1:
-            raise ConfigError("data.chunk_frames and data.lanes must be >= 1")
+        for key, value in (("data.chunk_frames", self.data.chunk_frames), ("data.lanes", self.data.lanes)):
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if self.data.eval_max_files is not None and self.data.eval_max_files < 1:
+            raise ConfigError(f"data.eval_max_files: must be >= 1 or null, got {self.data.eval_max_files}")
+        if not self.data.train:
+            raise ConfigError("data.train: the training dataset folder is empty")
+        o = self.optim
+        inf = math.inf
+        ranges = [  # (key, value, low, high, low included, high included)
+            ("optim.lr", o.lr, 0.0, inf, False, False),
+            ("optim.grad_clip", o.grad_clip, 0.0, inf, False, False),
+            ("optim.weight_decay", o.weight_decay, 0.0, inf, True, False),
+            ("optim.beta1", o.beta1, 0.0, 1.0, True, False),
+            ("optim.beta2", o.beta2, 0.0, 1.0, True, False),
+            ("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, True, True),
+            ("lora.scaling", self.lora.scaling, -inf, inf, False, False),
+            ("loss.text_padding_weight", self.loss.text_padding_weight, 0.0, inf, True, False),
+            ("loss.first_codebook_weight", self.loss.first_codebook_weight, 0.0, inf, True, False),
+            ("loss.text_weight", self.loss.text_weight, 0.0, inf, True, False),
+            ("loss.audio_weight", self.loss.audio_weight, 0.0, inf, True, False),
+        ]
+        for key, v, lo, hi, lo_in, hi_in in ranges:
+            above = v >= lo if lo_in else v > lo
+            below = v <= hi if hi_in else v < hi
+            if not (math.isfinite(v) and above and below):
+                bound = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+                raise ConfigError(f"{key}: must be a finite number in {bound}, got {v}")
+        if self.loss.text_weight == 0 and self.loss.audio_weight == 0:
+            raise ConfigError("loss.text_weight and loss.audio_weight are both 0: nothing to train on")
+        if o.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}")
+        if self.lora.rank < 1:
+            raise ConfigError(f"lora.rank: must be >= 1, got {self.lora.rank}")
         if self.model.preset == "local" and not (self.model.moshi_weights and self.model.moshi_config):
             raise ConfigError("model.preset=local needs model.moshi_weights and model.moshi_config (local paths)")
         if self.trainable == "ttt+lora" and not self.lora.enable:
             raise ConfigError("trainable=ttt+lora needs lora.enable=true")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr: must be > 0, got {self.optim.lr}")
+
+# Keys a resumed run may change, and how they take effect (anything else is refused on resume:
+# the optimizer, model and data order in the checkpoint were built from the saved values).
+RESUME_CHANGEABLE = {
+    "steps": "the run continues to the new step count (the schedule follows it)",
+    "log_every": "", "eval_every": "", "ckpt_every": "", "keep_last": "", "max_nonfinite": "", "progress": "",
+    "device": "", "run_dir": "", "data.eval": "", "data.eval_max_files": "", "optim.grad_clip": "",
+    "optim.lr": "the new base learning rate replaces the saved one from the next step",
+}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("lm_overrides",):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]
+                   ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """Differences between a checkpoint's config and the current one: ``(applied, refused)``,
+    each a list of ``(dotted key, saved value, current value)``."""
+    a, b = _flatten(saved), _flatten(current)
+    defaults = _flatten(to_dict(TrainConfig()))
+    applied, refused = [], []
+    for k in sorted(set(a) | set(b)):
+        if k.startswith("ttt.extra") or k == "progress":  # progress: display only
+            continue
+        if k not in a and b.get(k) == defaults.get(k):
+            continue  # a setting added after the checkpoint was written, at its default
+        va, vb = a.get(k), b.get(k)
+        if va != vb:
+            (applied if k in RESUME_CHANGEABLE else refused).append((k, va, vb))
+    return applied, refused
 
 
 # ----------------------------------------------------------------------------- generic loading
@@ -183,8 +253,8 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TTTConfigError as e:
-        raise ConfigError(f"{prefix}{e}") from e
+    except (TTTConfigError, TypeError, ValueError) as e:  # a dataclass's own checks
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -204,8 +274,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         value = yaml.safe_load(raw) if raw != "" else ""
         node = data
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key component")
+        for i, p in enumerate(parts[:-1]):
             child = node.get(p)
+            if p in node and not isinstance(child, dict):
+                # A null or scalar section would be replaced by the override alone: the rest of
+                # what the user wrote (or meant to write) there would silently vanish.
+                where = ".".join(parts[:i + 1])
+                raise ConfigError(f"--set {item!r}: '{where}' is {child!r} in the config, not a mapping; "
+                                  f"fix or remove the '{where}:' section first")
             node[p] = dict(child) if isinstance(child, dict) else {}
             node = node[p]
         node[parts[-1]] = value
@@ -222,7 +300,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> di
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return apply_overrides(data, overrides or [])

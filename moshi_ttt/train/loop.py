@@ -25,27 +25,54 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.dataset import EncodedDataset
+from ..data.dataset import EncodedDataset, atomic_write_text
+from ..data.report import DataError
 from ..data.stream import ChunkBatch, ChunkStream
+from ..errors import EXIT_STOPPED, MoshiTTTError
 from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
 from ..model.chunked import ChunkedLM
 from ..model.loss import TokenLosses, WeightedSums, combine, weighted_sums
-from ..model.memory import load_stream, save_stream
-from ..model.weights import apply_lora, load_lm, save_ttt_checkpoint, trainable_names
-from .checkpoint import find_resumable, rng_state, set_rng_state, write_checkpoint
-from .config import ConfigError, TrainConfig, to_dict
+from ..model.memory import load_stream, restore_stream, save_stream, snapshot_stream, stream_finite, stream_nbytes
+from ..model.weights import adapter_keys, apply_lora, load_lm, save_ttt_checkpoint, trainable_names
+from .checkpoint import (
+    CheckpointError,
+    find_resumable,
+    list_checkpoints,
+    move_aside,
+    resume_point,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from .config import ConfigError, TrainConfig, resume_changes, to_dict
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .logging import MetricsLogger
 
 
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (too many non-finite steps); the message says why."""
+class TrainingStopped(MoshiTTTError, RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the message says why (exit code 3)."""
+
+    exit_code = EXIT_STOPPED
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N``...; an unknown string or an absent device is a
+    :class:`~moshi_ttt.errors.DeviceError` naming it."""
+    from ..errors import DeviceError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise DeviceError(f"device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r}: CUDA is not available on this machine (use device=cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {name!r}: only cpu and cuda are supported")
+    return dev
 
 
 def make_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -105,7 +132,8 @@ class _ChunkStep(nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, dist: DistInfo | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, dist: DistInfo | None = None,
+                 restart: bool = False):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dist = dist or init_distributed(self.device.type)
@@ -120,6 +148,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.dataset = EncodedDataset(cfg.data.train)
         self._check_layout(self.dataset, cfg.data.train)
+        if len(self.dataset) == 0:
+            raise DataError(str(cfg.data.train), "no usable file in the training dataset (see the messages above)")
         # One global schedule over lanes x world; each rank takes its slice of lanes, so a run on
         # N processes sees exactly the batches of one process with N times the lanes.
         self.stream = ChunkStream(self.dataset, cfg.data.lanes * self.dist.world_size, cfg.data.chunk_frames,
@@ -134,15 +164,20 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.skipped = 0
         self._stop_requested = False
+        self._stop_signal: str | None = None
         self.runner = ChunkedLM(self.model, cfg.data.lanes)
         self.runner.start()
         self._inner(self.step_module).runner = self.runner
+        if resume and self.dist.world_size > 1:
+            raise ConfigError("resuming a multi-process run: run the same world size; the carried memory "
+                              "of every rank's lanes is in the checkpoint of rank 0 only for now")
+        ck = self._claim_run_dir(resume, restart) if self.dist.is_main else None
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=True)
         self.resumed_from: Path | None = None
-        if resume:
-            self._resume()
+        if ck is not None:
+            self._resume(ck)
         elif self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.logger.truncate_after(0)  # lines of a run killed before its first checkpoint
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     @staticmethod
@@ -179,6 +214,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         self.runner.cut()  # a new span: the carried state enters without the previous span's graph
+        snap = self._snapshot_carried()
         ws: WeightedSums | None = None
         frames = 0.0
         epoch = 0
@@ -199,12 +235,14 @@ class Trainer:
         sums = all_reduce_sum(torch.stack([ws.text_num.detach(), ws.audio_num.detach()]).float(), self.dist)
         loss_value = (cfg.loss.text_weight * sums[0] / dens[0].clamp_min(1e-8)
                       + cfg.loss.audio_weight * sums[1] / dens[1].clamp_min(1e-8))  # global, all ranks
-        finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(grad_norm))
+        finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(grad_norm)) and self._carried_finite()
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.optimizer.step()
             self.nonfinite_in_row = 0
         else:
+            # Nothing non-finite is carried on or saved; lanes whose file started in the span start it.
+            self._restore_carried(snap, [self._rank_slice(b).reset for b in batches])
             self.nonfinite_in_row += 1
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -222,6 +260,23 @@ class Trainer:
                                       f"{cfg.max_nonfinite}); stopping. Lower optim.lr or ttt.base_lr, "
                                       "or check the data; the last good checkpoint is kept.")
         return metrics
+
+    # ------------------------------------------------------------------ carried state
+    def _snapshot_carried(self) -> dict[str, Any]:
+        """Copy of the state carried across steps (TTT memory, KV caches, delay tail)."""
+        return {"stream": snapshot_stream(self.model), "tail": self.runner.tail.clone(),
+                "before": self.runner.before.clone()}
+
+    def _restore_carried(self, snap: dict[str, Any], resets: list[torch.Tensor]) -> None:
+        """Put the carried state back to ``snap`` (a skipped step leaves no trace in it), then
+        apply the skipped span's resets: the lanes whose file started there start it fresh."""
+        restore_stream(self.model, snap["stream"])
+        self.runner.tail, self.runner.before = snap["tail"], snap["before"]
+        self.runner.reset(torch.stack([r.to(snap["tail"].device) for r in resets]).any(0))
+
+    def _carried_finite(self) -> bool:
+        ok = torch.tensor(float(stream_finite(self.model)), device=self.device)
+        return bool(all_reduce_sum(ok, self.dist) == self.dist.world_size) if self.dist.enabled else bool(ok)
 
     @torch.no_grad()
     def memory_metrics(self) -> dict[str, float]:
@@ -280,14 +335,60 @@ class Trainer:
                 "config": to_dict(self.cfg),
             }, folder / "trainer.pt")
 
-        return write_checkpoint(self.run_dir, self.step, writer, self.cfg.keep_last)
+        return write_checkpoint(self.run_dir, self.step, writer, self.cfg.keep_last,
+                                expected_bytes=self._checkpoint_nbytes(trainable))
 
-    def _resume(self) -> None:
-        ck = find_resumable(self.run_dir)
-        if ck is None:
-            print(f"no checkpoint to resume in {self.run_dir / 'checkpoints'}; starting from step 0")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            return
+    def _checkpoint_nbytes(self, trainable: dict[str, torch.Tensor]) -> int:
+        """About what a checkpoint takes on disk: weights, adapter, optimizer state, carried state."""
+        def nbytes(ts) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+        adapter = nbytes(p for n, p in self.model.named_parameters() if n in set(adapter_keys(self.model)))
+        optim = sum(nbytes(st.values()) for st in self.optimizer.state.values())
+        return nbytes(trainable.values()) + adapter + optim + stream_nbytes(self.model) + (1 << 20)
+
+    def _claim_run_dir(self, resume: bool, restart: bool) -> Path | None:
+        """The checkpoint to resume from, or None to start at step 0 (see ``resume_point``). A new
+        run never starts over another one's checkpoints unless ``restart`` moves them aside."""
+        if resume:
+            ck = resume_point(self.run_dir, restart)
+            if ck is None and not restart:
+                print(f"no checkpoint to resume in {self.run_dir / 'checkpoints'}; starting from step 0")
+        else:
+            done = list_checkpoints(self.run_dir)
+            if done and not restart:
+                raise CheckpointError(f"{self.run_dir} already holds checkpoints up to step {done[-1][0]}: "
+                                      "give --resume to continue it, --restart to start again (the old "
+                                      "outputs are moved aside), or another run_dir")
+            if done:
+                print(f"restart: old outputs moved to {move_aside(self.run_dir)}")
+            ck = None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return ck
+
+    def _apply_resume_config(self, saved: dict[str, Any]) -> None:
+        """Overrides of a resumed run: applied (and said so) or refused, never recorded silently."""
+        applied, refused = resume_changes(saved, to_dict(self.cfg))
+        if self.cfg.steps < self.step:
+            raise ConfigError(f"--resume: steps={self.cfg.steps} is below the checkpoint's step {self.step}")
+        if refused:
+            lines = ", ".join(f"{k} ({a!r} in the checkpoint, {b!r} now)" for k, a, b in refused)
+            raise ConfigError(f"--resume: these settings cannot change in a resumed run: {lines}. Drop the "
+                              "--set / config change, or start a new run_dir")
+        for k, a, b in applied:
+            if k == "optim.lr":  # the optimizer and scheduler state restored the old base lr
+                for g in self.optimizer.param_groups:
+                    g["initial_lr"] = b
+                self.scheduler.base_lrs = [b for _ in self.optimizer.param_groups]
+                factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = b * factor
+                self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            print(f"resume: applied {k}: {a!r} -> {b!r}")
+        if applied:
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+
+    def _resume(self, ck: Path) -> None:
         if self.dist.world_size > 1:
             raise ConfigError("resuming a multi-process run: run the same world size; the carried memory "
                               "of every rank's lanes is in the checkpoint of rank 0 only for now")
@@ -300,27 +401,37 @@ class Trainer:
                 params[n].copy_(t)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        self.stream.load_state_dict(st["stream"])
+        try:
+            self.stream.load_state_dict(st["stream"])
+        except ValueError as e:  # the dataset changed under the same path
+            raise CheckpointError(f"{ck}: {e}; resume with the data the run started with") from e
         load_stream(self.model, ck / "stream.safetensors")
         self.runner.tail = st["tail"].to(self.device)
         self.runner.before = st["before"].to(self.device)
         set_rng_state(st["rng"])
         self.step, self.nonfinite_in_row, self.skipped = st["step"], st["nonfinite_in_row"], st["skipped"]
+        self._apply_resume_config(st["config"])
         self.logger.truncate_after(self.step)
         self.resumed_from = ck
         print(f"resumed from {ck} (step {self.step})")
 
     # ------------------------------------------------------------------ loop
     def _on_sigint(self, signum, frame) -> None:
+        """SIGINT and SIGTERM (scheduler pre-emption): finish the step, checkpoint, stop."""
         self._stop_requested = True
-        print("\ninterrupt: finishing this step, writing a checkpoint, then stopping (Ctrl-C again to abort)")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._stop_signal = signal.Signals(signum).name
+        print(f"\n{self._stop_signal}: finishing this step, writing a checkpoint, then stopping "
+              "(send it again to abort)", flush=True)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         from tqdm import tqdm
 
+        if self.resumed_from is not None and self.step >= cfg.steps:
+            return self._finished_summary()
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
+        old_term = signal.signal(signal.SIGTERM, self._on_sigint) if self.dist.is_main else None
         blocks = ttt_blocks(self.model)
         # disable=None: no bar when stderr is not a terminal (log files, CI).
         bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (cfg.progress and self.dist.is_main) else True,
@@ -356,13 +467,26 @@ class Trainer:
             bar.close()
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
         summary = {"steps": self.step, "final_loss": last.get("loss"), "skipped_steps": self.skipped,
                    "wall_s": time.perf_counter() - t_start, "run_dir": str(self.run_dir),
-                   "interrupted": self._stop_requested}
-        if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                   "interrupted": self._stop_requested, "signal": self._stop_signal}
+        if self.dist.is_main:  # atomic: the experiment reads it to decide whether an arm is done
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.logger.close()
         return summary
+
+    def _finished_summary(self) -> dict[str, Any]:
+        """``--resume`` of a run that already reached ``steps``: its summary, untouched on disk."""
+        path = self.run_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            summary = {"steps": self.step, "final_loss": None, "skipped_steps": self.skipped,
+                       "run_dir": str(self.run_dir), "interrupted": False}
+        self.logger.close()
+        return {**summary, "already_finished": True}
 
     def close(self) -> None:
         self.runner.close()
@@ -399,5 +523,9 @@ def load_trained(path: str | Path, device: str | torch.device = "auto") -> tuple
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in load_file(str(ck / "trainable.safetensors")).items():
+            if n not in params or tuple(params[n].shape) != tuple(t.shape):
+                raise CheckpointError(f"{ck}: parameter {n} does not fit the model its config builds")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{ck}: parameter {n} holds NaN or infinite values")
             params[n].copy_(t)
     return model.eval(), cfg, ck
