@@ -58,7 +58,7 @@ def load_memory(model, path: str | Path) -> dict[str, Any]:
     mine = _model_meta(model)
     if meta.get("ttt_layers") != mine["ttt_layers"]:
         raise ValueError(f"{path}: memory of TTT layers {meta.get('ttt_layers')}, model has {mine['ttt_layers']}")
-    for key in ("mini_batch_size", "num_heads", "qk_l2_norm", "rope"):
+    for key in ("mini_batch_size", "num_heads", "head_dim", "qk_l2_norm", "rope"):
         if (meta.get("ttt") or {}).get(key) != (mine["ttt"] or {}).get(key):
             raise ValueError(f"{path}: TTT setting {key}={meta['ttt'].get(key)!r} differs from the "
                              f"model's {mine['ttt'].get(key)!r}")
