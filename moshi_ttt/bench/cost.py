@@ -85,7 +85,7 @@ def _bytes(t: torch.Tensor) -> int:
 def _ttt_base_names(model: nn.Module) -> set[str]:
     """Names of the learned initial fast weights (read only when a memory is reset)."""
     out = set()
-    for i, b in ttt_blocks(model).items():
+    for i in ttt_blocks(model):
         out |= {f"transformer.layers.{i}.ttt.layer.{n}" for n in ("W1", "b1", "W2", "b2")}
     return out
 
