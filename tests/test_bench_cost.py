@@ -37,6 +37,7 @@ def hand_counts():
     ttt_layer = ttt_lin + H + DIM + K + 2 * H * d + fast + 2 * E + DIM  # +bias, norm, tok, ln, post, gate
     n_ttt = len(TL)
     return dict(stock=stock, ttt=stock + n_ttt * ttt_layer, ttt_added=n_ttt * ttt_layer, fast=fast,
+                fsdp_sharded=L * layer + DL * dep_layer,
                 emb=emb + dep_emb, ttt_lin=ttt_lin, layer_lin=layer_lin, dep_layer_lin=dep_layer_lin,
                 other_lin=other_lin)
 
@@ -111,10 +112,16 @@ def test_training_memory_parts(report):
     ddp = report["ttt"]["train_memory"]["ddp_8gpu"]
     assert ddp["weights"] == W and ddp["grads"] == 2 * G and ddp["optimizer"] == 2 * G
     assert ddp["kv_cache"] == 2 * 2 * L * (CTX + 16) * DIM * FP32      # 2 lanes, keys and values
+    # FSDP shards the temporal layers (TTT blocks excepted) and the depformer; the TTT parameters
+    # (all the trainable ones here) and the model-level embeddings and heads stay replicated.
     fsdp = report["ttt"]["train_memory"]["fsdp_8gpu"]
-    biggest_layer = (h["layer_lin"] + 2 * DIM + h["ttt_added"] // len(TL)) * FP32
-    assert fsdp["weights"] == pytest.approx(W / 8 + 2 * biggest_layer)
-    assert fsdp["grads"] == pytest.approx(G / 8) and fsdp["optimizer"] == pytest.approx(2 * G / 8)
+    Ws = h["fsdp_sharded"] * FP32
+    biggest_unit = (h["layer_lin"] + 2 * DIM + h["ttt_added"] // len(TL)) * FP32  # a layer with TTT
+    assert fsdp["weights"] == pytest.approx(W - Ws + Ws / 8 + 2 * biggest_unit)
+    assert fsdp["grads"] == G and fsdp["optimizer"] == 2 * G
+    full = report["stock"]["train_memory"]["fsdp_8gpu"]            # stock reference: full fine-tune
+    Gs = h["stock"] * FP32
+    assert full["grads"] == pytest.approx(Gs - Ws + Ws / 8)
     for key, m in report["ttt"]["train_memory"].items():
         assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total")), key
 

@@ -34,8 +34,10 @@ Training memory per GPU (an estimate, +-30%: allocator slack, temporary buffers 
 are not counted):
     weights in the model dtype; gradients of the trainable parameters in the same dtype (DDP keeps
     a second copy in its reducer buckets); AdamW's two states per trainable parameter in the
-    parameter dtype (torch.optim.AdamW); FSDP shards all three over the GPUs and holds two
-    unsharded layers at a time (all-gather and prefetch);
+    parameter dtype (torch.optim.AdamW); FSDP (train/fsdp.py's plan) shards all three for the
+    temporal layers and the depformer over the GPUs, keeps the TTT/LoRA parameters, float32 norm
+    scales and model-level embeddings and heads replicated, and holds two unsharded units at a time
+    (all-gather and prefetch; the depformer is one unit);
     activations per lane: the layers autograd saves (all of them when the base is trained, else
     from the first TTT layer up): per frame 8 dim + 3 hidden values per layer (norm inputs, q, k,
     v, attention output, the gated feed-forward's two products), for a TTT layer also
@@ -216,8 +218,16 @@ def train_memory(model: nn.Module, cfg: CostConfig, gpus: int, mode: str,
     if mode == "ddp":
         out.update(weights=W, grads=2 * G, optimizer=opt)
     else:
-        unit = max(sum(_bytes(p) for p in layer.parameters()) for layer in layers)
-        out.update(weights=W / gpus + 2 * unit, grads=G / gpus, optimizer=opt / gpus)
+        # The plan of train/fsdp.py: layers and depformer sharded; TTT, LoRA, odd-dtype and
+        # model-level parameters (embeddings, output heads) replicated.
+        from ..train.fsdp import fsdp_units, sharded_parameter_names
+
+        sharded = sharded_parameter_names(model)
+        Ws = sum(_bytes(p) for n, p in params.items() if n in sharded)
+        Gs = sum(_bytes(params[n]) for n in trainable if n in sharded)
+        unit = max(sum(_bytes(p) for p in u.parameters()) for u in fsdp_units(model))
+        out.update(weights=(W - Ws) + Ws / gpus + 2 * unit, grads=(G - Gs) + Gs / gpus,
+                   optimizer=2 * (G - Gs) + 2 * Gs / gpus)
     out["total"] = sum(out.values())
     return out
 

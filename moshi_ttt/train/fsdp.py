@@ -75,6 +75,22 @@ def _register_fsdp_class(cls: type) -> None:
     impl.cls_to_fsdp_cls[cls] = type(f"FSDP{cls.__name__}", (cls, FSDPModule), {"__deepcopy__": _no_deepcopy})
 
 
+def _unit_ignored(unit: nn.Module) -> set[nn.Parameter]:
+    """Parameters of an FSDP unit that stay replicated: adapters, and any dtype but the unit's main one."""
+    named = list(unit.named_parameters())
+    main_dtype = Counter(p.dtype for n, p in named if not _is_adapter(n)).most_common(1)[0][0]
+    return {p for n, p in named if _is_adapter(n) or p.dtype != main_dtype}
+
+
+def sharded_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters FSDP shards (``bench cost`` uses the same plan for its estimate)."""
+    sharded: set[int] = set()
+    for unit in fsdp_units(model):
+        ignored = {id(p) for p in _unit_ignored(unit)}
+        sharded |= {id(p) for p in unit.parameters() if id(p) not in ignored}
+    return {n for n, p in model.named_parameters() if id(p) in sharded}
+
+
 class FSDPState:
     """What the trainer needs to run FSDP2: the device mesh and the replicated parameters."""
 
@@ -85,9 +101,7 @@ class FSDPState:
         self.info = info
         self.mesh = init_device_mesh(device.type, (info.world_size,))
         for unit in fsdp_units(model):
-            named = list(unit.named_parameters())
-            main_dtype = Counter(p.dtype for n, p in named if not _is_adapter(n)).most_common(1)[0][0]
-            ignored = {p for n, p in named if _is_adapter(n) or p.dtype != main_dtype}
+            ignored = _unit_ignored(unit)
             _register_fsdp_class(type(unit))
             fully_shard(unit, mesh=self.mesh, ignored_params=ignored or None)
         self.model = model
