@@ -143,3 +143,17 @@ def test_7b_config_file_is_the_default_layout():
     default = config_from_train_yaml(None, "7b")
     assert from_file.ttt.to_dict() == default.ttt.to_dict()
     assert (from_file.chunk_frames, from_file.lanes, from_file.dtype) == (750, 1, "bf16")
+
+
+def test_bench_model_runs_at_another_inner_width():
+    """`bench model` builds its TTT arm with the requested inner width (tiny, seconds)."""
+    from moshi_ttt.bench.model import ModelBenchConfig, format_table
+    from moshi_ttt.bench.model import run as run_model
+
+    res = run_model(ModelBenchConfig(preset="tiny", seq_len=16, train_iters=1, warmup=0, gen_batches=[1],
+                                     gen_steps=2, ttt_heads=H, ttt_head_dim=d, ttt_layers=TL))
+    h = hand_counts()
+    assert res["ttt"]["num_heads"] == H and res["ttt"]["head_dim"] == d
+    assert res["arms"]["ttt"]["params_m"] * 1e6 == pytest.approx(h["ttt"])
+    assert {"train_fwd_bwd_time", "lmgen_step_B1"} <= set(res["ratios"])
+    assert f"{H} heads x {d}" in format_table(res)

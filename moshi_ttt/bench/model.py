@@ -25,16 +25,19 @@ import torch
 
 from ..model.build import build_lm, moshi_7b_lm_kwargs, tiny_lm_kwargs
 from ..model.loss import lm_loss
+from ..model.presets import mid_lm_kwargs, moshi_7b_ttt_kwargs
 from ..ttt.config import TTTConfig
 from .common import device_name
 
 
 @dataclass
 class ModelBenchConfig:
-    preset: str = "auto"            # "tiny", "7b" or "auto" (7b with CUDA, tiny without)
-    seq_len: int | None = None      # frames; default 3000 (7b) / 256 (tiny)
+    preset: str = "auto"            # "tiny", "mid", "7b" or "auto" (7b with CUDA, tiny without)
+    seq_len: int | None = None      # frames; default 3000 (7b) / 256 (tiny, mid)
     batch: int = 1
-    ttt_layers: str = "middle"
+    ttt_layers: Any = None          # None: the preset's default layout (PRESET_TTT)
+    ttt_heads: int | None = None    # TTT heads / head dim; None: the preset's default
+    ttt_head_dim: int | None = None
     mini_batch_size: int = 16
     train_iters: int = 5
     warmup: int = 2
@@ -43,6 +46,17 @@ class ModelBenchConfig:
     dtype: str = "auto"             # bf16 on CUDA, fp32 on CPU
     skip_train: bool = False
     skip_gen: bool = False
+
+
+# Default TTT layout per preset. 7B: the default of configs/moshi7b_finetune.yaml (8 of 32 layers,
+# 8 heads of 128 = 1/4 of the width). mid: the same proportions (2 of 8 layers, every other layer
+# of the top half, 2 heads of 128 = 1/4 of the width 1024). tiny: the tiny configs' layout.
+PRESET_TTT: dict[str, dict[str, Any]] = {
+    "7b": moshi_7b_ttt_kwargs(),
+    "mid": {"layers": [5, 7], "num_heads": 2, "head_dim": 128},
+    "tiny": {"layers": "middle"},
+}
+PRESET_LM = {"7b": moshi_7b_lm_kwargs, "mid": mid_lm_kwargs, "tiny": tiny_lm_kwargs}
 
 
 class Timer:
@@ -117,14 +131,17 @@ def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
 def run(cfg: ModelBenchConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = cfg.preset if cfg.preset != "auto" else ("7b" if device.type == "cuda" else "tiny")
-    lm_kwargs = moshi_7b_lm_kwargs() if preset == "7b" else tiny_lm_kwargs()
+    lm_kwargs = PRESET_LM[preset]()
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
     T = cfg.seq_len or (3000 if preset == "7b" else 256)
-    arms = {"stock": TTTConfig(layers="none"),
-            "ttt": TTTConfig(layers=cfg.ttt_layers, mini_batch_size=cfg.mini_batch_size)}
+    layout = dict(PRESET_TTT[preset])
+    for key, value in (("layers", cfg.ttt_layers), ("num_heads", cfg.ttt_heads), ("head_dim", cfg.ttt_head_dim)):
+        if value is not None:
+            layout[key] = value
+    arms = {"stock": TTTConfig(layers="none"), "ttt": TTTConfig(mini_batch_size=cfg.mini_batch_size, **layout)}
     results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
-                               "seq_len": T, "config": asdict(cfg), "arms": {}}
+                               "seq_len": T, "config": asdict(cfg), "ttt": arms["ttt"].to_dict(), "arms": {}}
     for arm, tcfg in arms.items():
         torch.manual_seed(0)
         model = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
@@ -156,9 +173,11 @@ def _ratios(arms: dict[str, Any]) -> dict[str, float]:
 
 def format_table(res: dict[str, Any]) -> str:
     s, t = res["arms"]["stock"], res["arms"]["ttt"]
+    w = res.get("ttt", {})
+    width = f", {w['num_heads']} heads x {w['head_dim']}" if w.get("head_dim") else ""
     rows = [f"moshi-ttt model benchmark on {res['device']}",
             f"preset {res['preset']}, {res['dtype']}, T={res['seq_len']} frames, "
-            f"TTT in layers {t['ttt_layers']}",
+            f"TTT in layers {t['ttt_layers']}{width}",
             f"{'measure':34s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
 
     def row(name, a, b, fmt="{:.4g}"):
@@ -179,10 +198,13 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["auto", "tiny", "7b"], default="auto")
+    p.add_argument("--preset", choices=["auto", "tiny", "mid", "7b"], default="auto")
     p.add_argument("--seq-len", type=int, default=None, help="frames per training sequence")
     p.add_argument("--batch", type=int, default=1, help="training batch size")
-    p.add_argument("--ttt-layers", default="middle", help="'middle', 'all', 'every:K' or '3,5,7'")
+    p.add_argument("--ttt-layers", default=None, help="'middle', 'all', 'every:K' or '3,5,7' "
+                   "(default: the preset's layout)")
+    p.add_argument("--ttt-heads", type=int, default=None, help="TTT heads (default: the preset's)")
+    p.add_argument("--ttt-head-dim", type=int, default=None, help="TTT head dim (default: the preset's)")
     p.add_argument("--iters", type=int, default=5, help="timed training iterations")
     p.add_argument("--gen-steps", type=int, default=50, help="timed LMGen steps per batch size")
     p.add_argument("--gen-batches", default="1,8", help="LMGen batch sizes, comma separated")
@@ -194,9 +216,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> ModelBenchConfig:
     layers: Any = args.ttt_layers
-    if "," in layers or layers.isdigit():
+    if layers is not None and ("," in layers or layers.isdigit()):
         layers = [int(x) for x in layers.split(",")]
     return ModelBenchConfig(preset=args.preset, seq_len=args.seq_len, batch=args.batch, ttt_layers=layers,
+                            ttt_heads=args.ttt_heads, ttt_head_dim=args.ttt_head_dim,
                             train_iters=args.iters, gen_steps=args.gen_steps,
                             gen_batches=[int(b) for b in args.gen_batches.split(",")], dtype=args.dtype,
                             skip_train=args.skip_train, skip_gen=args.skip_gen)
