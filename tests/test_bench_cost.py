@@ -151,7 +151,8 @@ def test_bench_model_runs_at_another_inner_width():
     from moshi_ttt.bench.model import run as run_model
 
     res = run_model(ModelBenchConfig(preset="tiny", seq_len=16, train_iters=1, warmup=0, gen_batches=[1],
-                                     gen_steps=2, ttt_heads=H, ttt_head_dim=d, ttt_layers=TL))
+                                     gen_steps=2, ttt_heads=H, ttt_head_dim=d, ttt_layers=TL,
+                                     mini_batch_size=K))
     h = hand_counts()
     assert res["ttt"]["num_heads"] == H and res["ttt"]["head_dim"] == d
     assert res["arms"]["ttt"]["params_m"] * 1e6 == pytest.approx(h["ttt"])
