@@ -145,14 +145,17 @@ def test_7b_config_file_is_the_default_layout():
     assert (from_file.chunk_frames, from_file.lanes, from_file.dtype) == (750, 1, "bf16")
 
 
-def test_bench_model_runs_at_another_inner_width():
-    """`bench model` builds its TTT arm with the requested inner width (tiny, seconds)."""
+@pytest.mark.parametrize("interleave", [True, False])
+def test_bench_model_runs_at_another_inner_width(interleave):
+    """`bench model` builds its TTT arm with the requested inner width (tiny, seconds), with the
+    arms measured in alternation (CPU default) or one after the other."""
     from moshi_ttt.bench.model import ModelBenchConfig, format_table
     from moshi_ttt.bench.model import run as run_model
 
     res = run_model(ModelBenchConfig(preset="tiny", seq_len=16, train_iters=1, warmup=0, gen_batches=[1],
                                      gen_steps=2, ttt_heads=H, ttt_head_dim=d, ttt_layers=TL,
-                                     mini_batch_size=K))
+                                     mini_batch_size=K, interleave=interleave))
+    assert res["interleaved"] == interleave
     h = hand_counts()
     assert res["ttt"]["num_heads"] == H and res["ttt"]["head_dim"] == d
     assert res["arms"]["ttt"]["params_m"] * 1e6 == pytest.approx(h["ttt"])

@@ -4,6 +4,8 @@ For the same config, input length and batch:
 * training forward+backward time (all parameters trainable, as moshi-finetune's full fine-tune)
   and peak memory, and training tokens/s;
 * ``LMGen.step`` latency at the given batch sizes.
+On CPU the two arms are measured in alternation, step by step (both models in memory), so that
+the load of a shared machine weighs on both alike; on a GPU one after the other.
 Results are printed as a table with ratios (TTT / stock) and written as JSON. On CPU the tiny
 preset runs (seconds); with CUDA the 7B config runs at bf16 with random weights. Absolute times
 only mean something on the GPU named in the output.
@@ -44,6 +46,7 @@ class ModelBenchConfig:
     gen_batches: list[int] = field(default_factory=lambda: [1, 8])
     gen_steps: int = 50
     dtype: str = "auto"             # bf16 on CUDA, fp32 on CPU
+    interleave: bool | None = None  # alternate the arms step by step; default: on CPU only
     skip_train: bool = False
     skip_gen: bool = False
 
@@ -95,16 +98,27 @@ def _codes(model, B: int, T: int, device) -> torch.Tensor:
     return torch.cat([text, audio], 1)
 
 
-def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
+def _train_step(model, cfg: ModelBenchConfig, T: int, device):
+    """One training forward+backward of ``model`` on fixed random codes, as a closure."""
     model.train()
     codes = _codes(model, cfg.batch, T, device)
-    timer = Timer(device)
 
     def step():
         out = model(codes)
         lm_loss(out, codes).total.backward()
         model.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _summary(times: list[float]) -> tuple[float, float]:
+    """(median, p90) of a list of times."""
+    return statistics.median(times), sorted(times)[int(0.9 * len(times))]
+
+
+def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
+    timer = Timer(device)
+    step = _train_step(model, cfg, T, device)
     for _ in range(cfg.warmup):
         step()
     _peak_reset(device)
@@ -128,6 +142,54 @@ def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
     return {"step_ms": 1000 * statistics.median(times), "step_ms_p90": 1000 * sorted(times)[int(0.9 * len(times))]}
 
 
+def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, device) -> dict[str, dict[str, Any]]:
+    """Both arms measured in alternation (stock step, TTT step, stock step, ...), so that a load
+    that changes during the run (a shared machine) weighs on both arms alike. Needs both models in
+    memory at once: the default on CPU, not at 7B on a GPU."""
+    from contextlib import ExitStack
+
+    from moshi.models import LMGen
+
+    timer = Timer(device)
+    out: dict[str, dict[str, Any]] = {arm: {} for arm in models}
+    if not cfg.skip_train:
+        steps = {arm: _train_step(m, cfg, T, device) for arm, m in models.items()}
+        for _ in range(cfg.warmup):
+            for step in steps.values():
+                step()
+        times: dict[str, list[float]] = {arm: [] for arm in models}
+        for _ in range(cfg.train_iters):
+            for arm, step in steps.items():
+                times[arm].append(timer(step))
+        for arm in models:
+            t = statistics.median(times[arm])
+            out[arm]["train"] = {"fwd_bwd_s": t, "tokens_per_s": cfg.batch * T / t, "peak_gib": None,
+                                 "times_s": times[arm]}
+    if not cfg.skip_gen:
+        for arm in models:
+            out[arm]["gen"] = {}
+        for B in cfg.gen_batches:
+            with torch.no_grad(), ExitStack() as stack:
+                gens, users = {}, {}
+                for arm, m in models.items():
+                    m.eval()
+                    gens[arm] = LMGen(m, temp=0.8, temp_text=0.7)
+                    stack.enter_context(gens[arm].streaming(B))
+                    n_user = m.num_codebooks - 1 - m.dep_q
+                    users[arm] = torch.randint(0, m.card, (B, n_user, 1), device=device)
+                for _ in range(max(cfg.warmup, 4)):
+                    for arm, g in gens.items():
+                        g.step(users[arm])
+                gtimes: dict[str, list[float]] = {arm: [] for arm in models}
+                for _ in range(cfg.gen_steps):
+                    for arm, g in gens.items():
+                        gtimes[arm].append(timer(lambda g=g, u=users[arm]: g.step(u)))
+            for arm in models:
+                med, p90 = _summary(gtimes[arm])
+                out[arm]["gen"][str(B)] = {"step_ms": 1000 * med, "step_ms_p90": 1000 * p90}
+    return out
+
+
 def run(cfg: ModelBenchConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = cfg.preset if cfg.preset != "auto" else ("7b" if device.type == "cuda" else "tiny")
@@ -142,6 +204,19 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
     arms = {"stock": TTTConfig(layers="none"), "ttt": TTTConfig(mini_batch_size=cfg.mini_batch_size, **layout)}
     results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
                                "seq_len": T, "config": asdict(cfg), "ttt": arms["ttt"].to_dict(), "arms": {}}
+    interleave = cfg.interleave if cfg.interleave is not None else device.type == "cpu"
+    results["interleaved"] = interleave
+    if interleave:
+        models = {}
+        for arm, tcfg in arms.items():
+            torch.manual_seed(0)
+            models[arm] = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
+        measured = bench_interleaved(models, cfg, T, device)
+        for arm, model in models.items():
+            results["arms"][arm] = {"ttt_layers": model.ttt_layers,
+                                    "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **measured[arm]}
+        results["ratios"] = _ratios(results["arms"])
+        return results
     for arm, tcfg in arms.items():
         torch.manual_seed(0)
         model = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
@@ -194,6 +269,8 @@ def format_table(res: dict[str, Any]) -> str:
         row(f"LMGen.step B={B} (ms, median)", s["gen"][B]["step_ms"], t["gen"][B]["step_ms"])
     if res["device"].startswith("CPU"):
         rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
+    if res.get("interleaved"):
+        rows.append("(arms measured in alternation, step by step: a changing machine load weighs on both alike)")
     return "\n".join(rows)
 
 
@@ -209,6 +286,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-steps", type=int, default=50, help="timed LMGen steps per batch size")
     p.add_argument("--gen-batches", default="1,8", help="LMGen batch sizes, comma separated")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="alternate stock and TTT steps (both models in memory); default: on CPU only")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-gen", action="store_true")
     p.add_argument("--out", default=None, help="write the JSON results here")
@@ -222,7 +301,7 @@ def from_args(args: argparse.Namespace) -> ModelBenchConfig:
                             ttt_heads=args.ttt_heads, ttt_head_dim=args.ttt_head_dim,
                             train_iters=args.iters, gen_steps=args.gen_steps,
                             gen_batches=[int(b) for b in args.gen_batches.split(",")], dtype=args.dtype,
-                            skip_train=args.skip_train, skip_gen=args.skip_gen)
+                            skip_train=args.skip_train, skip_gen=args.skip_gen, interleave=args.interleave)
 
 
 def main_args(args: argparse.Namespace) -> int:
