@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from ..model.build import build_lm, moshi_7b_lm_kwargs, tiny_lm_kwargs
 from ..model.loss import lm_loss
 from ..model.presets import mid_lm_kwargs, moshi_7b_ttt_kwargs
+from ..runtime import load_average, load_warning, machine_state
 from ..ttt.config import TTTConfig
 from .common import device_name
 
@@ -164,7 +166,8 @@ def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, dev
         for arm in models:
             t = statistics.median(times[arm])
             out[arm]["train"] = {"fwd_bwd_s": t, "fwd_bwd_min_s": min(times[arm]),
-                                 "tokens_per_s": cfg.batch * T / t, "peak_gib": None, "times_s": times[arm]}
+                                 "tokens_per_s": cfg.batch * T / t, "peak_gib": None, "times_s": times[arm],
+                                 "load_1min": load_average()}
     if not cfg.skip_gen:
         for arm in models:
             out[arm]["gen"] = {}
@@ -187,7 +190,7 @@ def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, dev
             for arm in models:
                 med, p90 = _summary(gtimes[arm])
                 out[arm]["gen"][str(B)] = {"step_ms": 1000 * med, "step_ms_p90": 1000 * p90,
-                                           "step_ms_min": 1000 * min(gtimes[arm])}
+                                           "step_ms_min": 1000 * min(gtimes[arm]), "load_1min": load_average()}
     return out
 
 
@@ -203,8 +206,12 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         if value is not None:
             layout[key] = value
     arms = {"stock": TTTConfig(layers="none"), "ttt": TTTConfig(mini_batch_size=cfg.mini_batch_size, **layout)}
+    warn = load_warning(torch.get_num_threads())
+    if warn:
+        print(warn, file=sys.stderr)
     results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
-                               "seq_len": T, "config": asdict(cfg), "ttt": arms["ttt"].to_dict(), "arms": {}}
+                               "seq_len": T, "config": asdict(cfg), "ttt": arms["ttt"].to_dict(), "arms": {},
+                               "machine": machine_state(), "load_warning": warn}
     interleave = cfg.interleave if cfg.interleave is not None else device.type == "cpu"
     results["interleaved"] = interleave
     if interleave:
@@ -216,6 +223,7 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         for arm, model in models.items():
             results["arms"][arm] = {"ttt_layers": model.ttt_layers,
                                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **measured[arm]}
+        results["load_1min_end"] = load_average()
         results["ratios"] = _ratios(results["arms"])
         return results
     for arm, tcfg in arms.items():
@@ -224,9 +232,10 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         r: dict[str, Any] = {"ttt_layers": model.ttt_layers,
                              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
         if not cfg.skip_train:
-            r["train"] = bench_train(model, cfg, T, device)
+            r["train"] = {**bench_train(model, cfg, T, device), "load_1min": load_average()}
         if not cfg.skip_gen:
-            r["gen"] = {str(B): bench_gen(model, B, cfg, device) for B in cfg.gen_batches}
+            r["gen"] = {str(B): {**bench_gen(model, B, cfg, device), "load_1min": load_average()}
+                        for B in cfg.gen_batches}
         results["arms"][arm] = r
         del model
         if device.type == "cuda":
@@ -251,7 +260,10 @@ def format_table(res: dict[str, Any]) -> str:
     s, t = res["arms"]["stock"], res["arms"]["ttt"]
     w = res.get("ttt", {})
     width = f", {w['num_heads']} heads x {w['head_dim']}" if w.get("head_dim") else ""
-    rows = [f"moshi-ttt model benchmark on {res['device']}",
+    m = res.get("machine", {})
+    load = "unknown" if m.get("load_1min") is None else f"{m['load_1min']:.2f}"
+    rows = [f"moshi-ttt model benchmark on {res['device']}, machine load {load} on {m.get('cpus')} CPUs at start "
+            "(load at each figure in the JSON)",
             f"preset {res['preset']}, {res['dtype']}, T={res['seq_len']} frames, "
             f"TTT in layers {t['ttt_layers']}{width}",
             f"{'measure':34s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
@@ -276,6 +288,8 @@ def format_table(res: dict[str, Any]) -> str:
         rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
     if res.get("interleaved"):
         rows.append("(arms measured in alternation, step by step: a changing machine load weighs on both alike)")
+    if res.get("load_warning"):
+        rows.append(res["load_warning"])
     return "\n".join(rows)
 
 

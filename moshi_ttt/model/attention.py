@@ -3,7 +3,7 @@ exact and trainable.
 
 moshi's ``RingKVCache`` holds exactly ``context`` entries. A streaming call of T > 1 frames writes
 T new entries first and then attends, so once the ring has wrapped the first queries of the call
-have lost up to T - 1 keys they are entitled to (DESIGN.md section 5). And under autograd the
+have lost up to T - 1 keys they are entitled to (docs/DESIGN.md section 5). And under autograd the
 cache is written in place, so a chunk's backward breaks as soon as the next chunk writes.
 
 ``ChunkedRingKVCache`` (a ``RingKVCache`` subclass) fixes both and nothing else:
@@ -12,7 +12,11 @@ cache is written in place, so a chunk's backward breaks as soon as the next chun
   moshi's attention mask still limits every query to ``context`` frames;
 * with autograd on, the keys/values returned for attention are an out-of-place copy in which the
   current call's entries carry their gradient while the cached past is constant (stop-gradient,
-  truncated BPTT), so the cache can be overwritten by the next chunk.
+  truncated BPTT), so the cache can be overwritten by the next chunk;
+* with ``keep_graph`` (``state_grad: full``) that copy is also kept (``live``) and the next call
+  writes into it out of place, so the keys/values of earlier chunks of a training span keep their
+  graph and a later chunk's loss reaches the layers that produced them; ``cut()`` drops it at a
+  span boundary.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ class ChunkedRingKVCache(RingKVCache):
         super().__init__(batch_size, num_heads, dim_per_head, context,
                          respect_exec_mask=respect_exec_mask, device=device, dtype=dtype)
         self.context = context
+        self.keep_graph = False
+        self.live: torch.Tensor | None = None   # [2, B, H, capacity, D] with graph (keep_graph)
+
+    def cut(self) -> None:
+        """End of a training span: later calls see the cached past as constants."""
+        self.live = None
 
     def _grow(self, capacity: int) -> None:
         """Re-lay the ring for a larger capacity; entry of absolute position p sits at p % capacity."""
@@ -42,16 +52,25 @@ class ChunkedRingKVCache(RingKVCache):
     def complete(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> KVCacheResult:
         T = k.shape[2]
         if self.context + T - 1 > self.capacity:
+            if self.live is not None:
+                raise RuntimeError("ChunkedRingKVCache: a longer call inside a training span (cut() first)")
             self._grow(self.context + T - 1)
         if not torch.is_grad_enabled():
+            self.live = None
             return super().complete(k, v, exec_mask)
         # Slots the call writes (same formula as moshi), taken before the offsets move.
         idx = (torch.arange(T, device=k.device) + self.end_offset.view(-1, 1)) % self.capacity
         res = super().complete(k.detach(), v.detach(), exec_mask)
         B, H, _, D = k.shape
         idx = idx.expand(B, T).view(B, 1, T, 1).expand(B, H, T, D)
-        keys = res.keys.scatter(2, idx, k)        # out of place: gradient to this call's keys only
-        values = res.values.scatter(2, idx, v)
+        # ``live`` holds the same values as moshi's cache before this call (moshi writes every
+        # lane's slots whatever the exec mask; only the offsets respect it), with their graph.
+        live = self.live if self.keep_graph else None
+        past_k, past_v = (live[0], live[1]) if live is not None else (res.keys, res.values)
+        keys = past_k.scatter(2, idx, k)          # out of place: gradient to this call's keys
+        values = past_v.scatter(2, idx, v)
+        if self.keep_graph:
+            self.live = torch.stack([keys, values])
         return KVCacheResult(keys, values, res.positions)
 
 

@@ -12,6 +12,11 @@ as input and predicts frame ``p - delay_k``. Chunk ``[s, e)`` of positions needs
 ``s - 1 - max_delay``, so each lane keeps the last ``max_delay + 1`` frames of the previous chunk.
 Every token of a file is predicted exactly once over its chunks, and the token losses equal
 those of moshi's full-sequence forward on the whole file (tested).
+
+Gradients across chunks follow ``model.ttt_config.state_grad``: with "full", the carried TTT
+memory and attention keys/values keep their graph from chunk to chunk until ``cut()`` (called by
+the trainer at every training-span boundary), so the summed losses of a span have the gradient of
+one full-sequence forward over it; with "delta"/"detach" every chunk is cut on its own.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from dataclasses import dataclass
 import torch
 from moshi.models.lm import LMModel
 
+from ..ttt.state import carry_state
+from .attention import ChunkedRingKVCache
+from .build import ttt_blocks
 from .loss import TokenLosses, token_losses
 
 
@@ -70,6 +78,30 @@ class ChunkedLM:
         self._initial = model._get_initial_token().view(1, K, 1).to(device)
         self.tail = self._initial.expand(B, K, self.tail_len).clone()
         self.before = torch.ones(B, self.tail_len, dtype=torch.bool, device=device)
+        cfg = getattr(model, "ttt_config", None)
+        keep = cfg is not None and cfg.state_grad == "full"
+        for cache in self._kv_caches():
+            cache.keep_graph = keep
+
+    def _kv_caches(self) -> list[ChunkedRingKVCache]:
+        out = []
+        for m in self.model.modules():
+            st = getattr(m, "_streaming_state", None)
+            kv = getattr(st, "kv_cache", None)
+            if isinstance(kv, ChunkedRingKVCache):
+                out.append(kv)
+        return out
+
+    def cut(self) -> None:
+        """Start a new training span: the carried state enters the next chunk without the graph of
+        the previous ones (keys/values as constants; the TTT memory by the "delta" rule, so the
+        learned initial weights still get every chunk's gradient). A no-op outside "full"."""
+        for cache in self._kv_caches():
+            cache.cut()
+        for block in ttt_blocks(self.model).values():
+            st = block._streaming_state
+            if st is not None and st.memory is not None:
+                st.memory = carry_state(st.memory, block.layer.base_weights(), "delta")
 
     def close(self) -> None:
         if self._stack is not None:

@@ -36,10 +36,12 @@ class TTTBlockState(State):
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         assert self.block is not None and self.memory is not None
-        with torch.no_grad():
-            fresh = self.block.fresh_memory(self.batch_size)
-            new = select_state(reset_mask, fresh, self.memory)
-            self.block.store_memory(self, new)
+        # Under autograd (training) the fresh memory keeps its graph to the learned initial
+        # weights, so that with ``state_grad: full`` a reset lane's later chunks reach them
+        # exactly as one full-sequence forward would; elsewhere (LMGen) it is copied in place.
+        fresh = self.block.fresh_memory(self.batch_size)
+        new = select_state(reset_mask, fresh, self.memory)
+        self.block.store_memory(self, new)
 
 
 class TTTBlock(StreamingModule[TTTBlockState]):

@@ -84,6 +84,10 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # Chunks per optimizer step (a training span). With ``ttt.state_grad: full`` the carried
+    # memory and attention keys/values keep their graph over the span, so reads train the writes
+    # of earlier chunks; the span's gradient equals the full-sequence gradient over its frames.
+    bptt_chunks: int = 1
     log_every: int = 10
     eval_every: int = 100
     ckpt_every: int = 100
@@ -92,7 +96,7 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("steps", "log_every", "eval_every", "ckpt_every", "keep_last", "max_nonfinite"):
+        for name in ("steps", "bptt_chunks", "log_every", "eval_every", "ckpt_every", "keep_last", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.data.chunk_frames < 1 or self.data.lanes < 1:

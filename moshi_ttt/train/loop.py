@@ -174,13 +174,28 @@ class Trainer:
                 kw[k] = v[sl]
         return ChunkBatch(**kw)
 
-    def train_step(self, batch: ChunkBatch) -> dict[str, Any]:
+    def train_step(self, batches: list[ChunkBatch] | ChunkBatch) -> dict[str, Any]:
+        """One optimizer step over a training span of ``len(batches)`` consecutive chunks
+        (``bptt_chunks``): the loss is the token mean over the span; with ``ttt.state_grad: full``
+        its gradient is that of one forward over the span's frames."""
         cfg = self.cfg
-        batch = self._rank_slice(batch).to(self.device)
+        if isinstance(batches, ChunkBatch):
+            batches = [batches]
         t0 = time.perf_counter()
         self.model.train()
-        text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
-        ws = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
+        self.runner.cut()  # a new span: the carried state enters without the previous span's graph
+        ws: WeightedSums | None = None
+        frames = 0.0
+        epoch = 0
+        for batch in batches:
+            batch = self._rank_slice(batch).to(self.device)
+            text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
+            w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
+            ws = w if ws is None else WeightedSums(ws.text_num + w.text_num, ws.text_den + w.text_den,
+                                                   ws.audio_num + w.audio_num, ws.audio_den + w.audio_den)
+            frames += float(batch.valid.sum()) * self.dist.world_size
+            epoch = batch.epoch
+        assert ws is not None
         dens = all_reduce_sum(torch.stack([ws.text_den, ws.audio_den]).detach().float(), self.dist)
         terms = combine(ws, cfg.loss, dens[0].to(ws.text_num), dens[1].to(ws.audio_num))
         # DDP averages gradients over ranks: scale so that the result is the global token mean.
@@ -204,10 +219,9 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        frames = float(batch.valid.sum()) * self.dist.world_size
         metrics = {"step": self.step, "loss": float(loss_value), "text_loss": float(sums[0] / dens[0].clamp_min(1e-8)),
                    "audio_loss": float(sums[1] / dens[1].clamp_min(1e-8)), "grad_norm": float(grad_norm), "lr": lr,
-                   "frames_per_s": frames / dt, "epoch": batch.epoch, "skipped": not finite}
+                   "frames_per_s": frames / dt, "epoch": epoch, "skipped": not finite}
         if not finite:
             print(f"step {self.step}: non-finite loss or gradient (loss={float(loss_value)}, "
                   f"grad_norm={float(grad_norm)}); step skipped ({self.nonfinite_in_row} in a row)")
@@ -331,7 +345,7 @@ class Trainer:
                 will_log = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
                 for b in blocks.values():
                     b.record_probe, b.probe = will_log, None
-                metrics = self.train_step(next(it))
+                metrics = self.train_step([next(it) for _ in range(cfg.bptt_chunks)])
                 for b in blocks.values():
                     b.record_probe = False
                 bar.update(1)

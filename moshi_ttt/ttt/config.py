@@ -31,9 +31,14 @@ class TTTConfig:
             every ``chunk_frames`` frames (in training, full-sequence and streaming alike).
         chunk_frames: frames per training chunk; also the reset period when not persistent.
         initial_gating_alpha: initial value of the per-channel gate ``tanh(alpha)``.
-        state_grad: how the carried state enters a new chunk's graph. "delta":
-            ``W_base + stopgrad(W_state - W_base)`` (every chunk's loss reaches the learned initial
-            weights); "detach": plain stop-gradient (only chunks right after a reset do).
+        state_grad: how the carried state enters a new chunk's graph. "full": the carried state
+            keeps its autograd graph across the chunks of one training span (``bptt_chunks`` in
+            the training config; the trainer cuts it with the "delta" rule at span boundaries), so
+            a read in a later chunk trains the writes of earlier ones (k/v projections, inner lr,
+            the layers below); the span's gradient equals the full-sequence gradient. "delta":
+            ``W_base + stopgrad(W_state - W_base)`` at every chunk (every chunk's loss reaches the
+            learned initial weights, but never the write side of earlier chunks); "detach": plain
+            stop-gradient (only chunks right after a reset reach the initial weights).
         num_heads: TTT heads H; None uses the host model's number of heads.
         head_dim: TTT head dim d; the inner width is ``H * d``, independent of the host width
             (projections ``dim -> H d`` and back). None keeps ``d = dim / H`` (inner width = host
@@ -56,7 +61,7 @@ class TTTConfig:
     persistent_states: bool = True
     chunk_frames: int = 750
     initial_gating_alpha: float = 0.1
-    state_grad: Literal["delta", "detach"] = "delta"
+    state_grad: Literal["full", "delta", "detach"] = "delta"
     num_heads: int | None = None
     head_dim: int | None = None
     qk_l2_norm: bool = True
@@ -84,8 +89,8 @@ class TTTConfig:
             raise bad("chunk_frames", "must be an integer >= 1")
         if not isinstance(self.initial_gating_alpha, (int, float)):
             raise bad("initial_gating_alpha", "must be a number")
-        if self.state_grad not in ("delta", "detach"):
-            raise bad("state_grad", "must be 'delta' or 'detach'")
+        if self.state_grad not in ("full", "delta", "detach"):
+            raise bad("state_grad", "must be 'full', 'delta' or 'detach'")
         if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
             raise bad("num_heads", "must be null or an integer >= 1")
         if self.head_dim is not None and (not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)

@@ -119,12 +119,16 @@ def carry_state(state: TTTState, base: tuple[torch.Tensor, ...], mode: str) -> T
     ``W_base + stopgrad(W_state - W_base)``, written as ``stopgrad(W_state) + (W_base -
     stopgrad(W_base))`` so that the value is bit-identical to the detached one (``x + 0.0 == x``).
     ``mode == "detach"``: plain stop-gradient.
-    The running gradient sums and the position are always detached (truncated BPTT).
+    ``mode == "full"``: the state unchanged, graph included (within a training span; whoever
+    owns the span cuts it at its boundary with ``"delta"``).
+    With "delta" and "detach" the running gradient sums and the position are detached.
     """
+    if mode == "full":
+        return state
     if mode == "detach":
         return state.detach()
     if mode != "delta":
-        raise ValueError(f"state_grad must be 'delta' or 'detach', got {mode!r}")
+        raise ValueError(f"state_grad must be 'full', 'delta' or 'detach', got {mode!r}")
     bases = dict(zip(WEIGHT_NAMES, base))
 
     def f(name: str, t: torch.Tensor) -> torch.Tensor:
