@@ -50,10 +50,13 @@ def losses(run_dir):
             if "loss" in r}
 
 
-def test_fsdp_two_processes_equal_one_process(corpus, tmp_path):
+@pytest.mark.parametrize("span", [[], ["--set", "ttt.state_grad=full", "--set", "bptt_chunks=2"]],
+                         ids=["delta", "full-2-chunk-spans"])
+def test_fsdp_two_processes_equal_one_process(corpus, tmp_path, span):
     """Full fine-tune: sharded base weights (FSDP's reduce-scatter, the sharded clip and AdamW)
-    and replicated TTT parameters (one all-reduce) together."""
-    args = common(corpus, "full")
+    and replicated TTT parameters (one all-reduce) together; also with several chunk forwards per
+    backward (``state_grad: full`` over 2-chunk spans)."""
+    args = common(corpus, "full") + span
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "moshi_ttt.train", *args, "--set", "data.lanes=4",
                     "--set", f"run_dir={one}"], check=True, env=ENV, timeout=600, capture_output=True)

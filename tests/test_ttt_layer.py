@@ -289,3 +289,14 @@ def test_head_dim_default_keeps_full_width():
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="head_dim"):
         TTTMLP(16, 4, TTTConfig(num_heads=3))
+
+
+def test_exec_mask_written_in_place_after_forward_keeps_backward_valid():
+    """moshi writes its exec_mask in place (a reset of another sample); a graph kept across
+    chunks (state_grad: full) saved the mask of an earlier chunk and must still backpropagate."""
+    layer = make_layer()
+    mask = torch.tensor([True, False])
+    out, st = layer(torch.randn(2, 5, 16, dtype=D), exec_mask=mask)
+    mask[:] = torch.tensor([True, True])
+    (out.pow(2).sum() + st.W1.sum()).backward()
+    assert layer.W1.grad is not None and layer.W1.grad.abs().max() > 0
