@@ -34,7 +34,7 @@ def common(corpus, trainable):
 def torchrun(args, run_dir, *extra):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "moshi_ttt.train", *args, "--set", "data.lanes=2", "--set", "distributed=fsdp",
-                          "--set", f"run_dir={run_dir}", *extra], env=ENV, timeout=600, capture_output=True, text=True)
+                          "--set", f"run_dir={run_dir}", *extra], env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return res.stdout
 
@@ -59,7 +59,7 @@ def test_fsdp_two_processes_equal_one_process(corpus, tmp_path, span):
     args = common(corpus, "full") + span
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "moshi_ttt.train", *args, "--set", "data.lanes=4",
-                    "--set", f"run_dir={one}"], check=True, env=ENV, timeout=600, capture_output=True)
+                    "--set", f"run_dir={one}"], check=True, env=ENV, capture_output=True)
     two = tmp_path / "two"
     out = torchrun(args, two)
     # The base model's layers and depformer are sharded (not a DDP run under another name).
