@@ -11,11 +11,19 @@ from moshi_ttt import TTTConfig, build_lm, tiny_lm_kwargs
 from moshi_ttt.model.build import ttt_blocks
 from moshi_ttt.model.weights import load_state_into
 
+# TTT inner width: the host's (4 heads of 16 = 64) and a narrow one (2 heads of 8 = 16) that
+# differs from the host width 64.
+WIDTHS = [{}, {"num_heads": 2, "head_dim": 8}]
+WIDTH_IDS = ["host", "narrow16"]
 
+
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("persistent", [True, False])
 @pytest.mark.parametrize("short_conv", [0, 3])
-def test_full_chunked_and_frame_by_frame_agree(persistent, short_conv):
-    model = tiny_ttt_model(context=8, persistent_states=persistent, chunk_frames=10, short_conv=short_conv)
+def test_full_chunked_and_frame_by_frame_agree(persistent, width, short_conv):
+    model = tiny_ttt_model(context=8, persistent_states=persistent, chunk_frames=10, short_conv=short_conv, **width)
+    if width:
+        assert ttt_blocks(model)[0].layer.wq.weight.shape == (16, 64)
     seq = random_codes(2, 45, model)
     full, full_logits = model.forward_text(seq)
     chunked = stream_text(model, seq, (7, 13, 1, 19, 5))  # > context, inside TTT mini-batches
@@ -29,9 +37,10 @@ def test_full_chunked_and_frame_by_frame_agree(persistent, short_conv):
     assert (chunked_grad - full).abs().max() < 1e-9
 
 
-def test_memory_matters_in_the_parity_check():
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
+def test_memory_matters_in_the_parity_check(width):
     """Guard against a vacuous parity test: the TTT blocks change the outputs."""
-    model = tiny_ttt_model(context=8)
+    model = tiny_ttt_model(context=8, **width)
     seq = random_codes(2, 30, model)
     with_ttt, _ = model.forward_text(seq)
     for block in ttt_blocks(model).values():
@@ -65,9 +74,10 @@ def test_layer_selection():
     assert sorted(ttt_blocks(model)) == [2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("short_conv", [0, 3])
-def test_reset_streaming_mask_is_per_sample(short_conv):
-    model = tiny_ttt_model(short_conv=short_conv)
+def test_reset_streaming_mask_is_per_sample(width, short_conv):
+    model = tiny_ttt_model(short_conv=short_conv, **width)
     seq = random_codes(2, 30, model)
     with model.streaming(2):
         for t in range(20):
@@ -80,9 +90,10 @@ def test_reset_streaming_mask_is_per_sample(short_conv):
     assert (after[1:] - fresh).abs().max() < 1e-12        # reset sample == a fresh stream
 
 
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("short_conv", [0, 3])
-def test_exec_mask_is_per_sample(short_conv):
-    model = tiny_ttt_model(short_conv=short_conv)
+def test_exec_mask_is_per_sample(width, short_conv):
+    model = tiny_ttt_model(short_conv=short_conv, **width)
     seq = random_codes(2, 30, model)
     junk = random_codes(2, 6, model, seed=7)
     with model.streaming(2):
@@ -100,8 +111,9 @@ def test_exec_mask_is_per_sample(short_conv):
     assert (masked - never_saw).abs().max() < 1e-12
 
 
-def test_lmgen_runs_past_context_and_memory_matches_chunked():
-    model = tiny_ttt_model(context=8, dtype=torch.float32)
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
+def test_lmgen_runs_past_context_and_memory_matches_chunked(width):
+    model = tiny_ttt_model(context=8, dtype=torch.float32, **width)
     inputs = []
     hook = model.transformer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
     gen = LMGen(model, temp=0.8, temp_text=0.8)

@@ -75,8 +75,9 @@ def test_load_errors_name_the_key(stock_files, tmp_path):
         load_lm(tmp_path / "nope.safetensors", config)
 
 
-def test_ttt_checkpoint_roundtrip_with_lora(tmp_path):
-    model = tiny_ttt_model()
+@pytest.mark.parametrize("width", [{}, {"num_heads": 2, "head_dim": 8}], ids=["host-width", "narrow"])
+def test_ttt_checkpoint_roundtrip_with_lora(tmp_path, width):
+    model = tiny_ttt_model(**width)
     apply_lora(model, rank=4, scaling=2.0)
     for block in ttt_blocks(model).values():  # LoRA never wraps TTT's linears
         assert not any(isinstance(m, LoRALinear) for m in block.modules())
@@ -89,7 +90,7 @@ def test_ttt_checkpoint_roundtrip_with_lora(tmp_path):
             if n in names:
                 p.add_(torch.randn_like(p))
     save_ttt_checkpoint(model, tmp_path / "ckpt")
-    other = tiny_ttt_model(seed=5)
+    other = tiny_ttt_model(seed=5, **width)
     apply_lora(other, rank=4, scaling=2.0)
     load_ttt_checkpoint(other, tmp_path / "ckpt")
     mine, theirs = dict(model.named_parameters()), dict(other.named_parameters())
@@ -98,10 +99,15 @@ def test_ttt_checkpoint_roundtrip_with_lora(tmp_path):
     wrong = tiny_ttt_model(layers=[1, 2])
     with pytest.raises(WeightsError, match="layers"):
         load_ttt_checkpoint(wrong, tmp_path / "ckpt")
+    wrong = tiny_ttt_model(**({} if width else {"num_heads": 2, "head_dim": 8}))  # another inner width
+    apply_lora(wrong, rank=4, scaling=2.0)
+    with pytest.raises(WeightsError, match="shape"):
+        load_ttt_checkpoint(wrong, tmp_path / "ckpt")
 
 
-def test_memory_file_carries_ttt_state(tmp_path):
-    model = tiny_ttt_model()
+@pytest.mark.parametrize("width", [{}, {"num_heads": 2, "head_dim": 8}], ids=["host-width", "narrow"])
+def test_memory_file_carries_ttt_state(tmp_path, width):
+    model = tiny_ttt_model(**width)
     seq = random_codes(2, 20, model)
     with model.streaming(2):
         model.forward_text(seq)
@@ -116,6 +122,10 @@ def test_memory_file_carries_ttt_state(tmp_path):
         load_memory(model, tmp_path / "mem.safetensors")
     other = tiny_ttt_model(layers=[0])
     with other.streaming(2), pytest.raises(ValueError, match="layers"):
+        load_memory(other, tmp_path / "mem.safetensors")
+    # A memory of another inner width is refused by name, not by a shape error deep inside.
+    other = tiny_ttt_model(**({"num_heads": 2, "head_dim": 16} if width else {"num_heads": 2, "head_dim": 8}))
+    with other.streaming(2), pytest.raises(ValueError, match="num_heads|head_dim"):
         load_memory(other, tmp_path / "mem.safetensors")
 
 
@@ -155,12 +165,13 @@ def test_stream_restored_in_new_process_continues_exactly(tmp_path):
     assert (fresh - expected).abs().max() > 1e-3
 
 
-def test_legacy_checkpoint_migration():
+@pytest.mark.parametrize("H,d", [(4, 16), (2, 8)], ids=["host-width", "narrow"])
+def test_legacy_checkpoint_migration(H, d):
     from moshi_ttt.model.migrate import migrate_legacy_state_dict
 
-    model = tiny_ttt_model(layers=[1, 2])
+    width = {} if (H, d) == (4, 16) else {"num_heads": H, "head_dim": d}
+    model = tiny_ttt_model(layers=[1, 2], **width)
     ours = model.state_dict()
-    H, d = 4, 16
     p = "transformer.layers.{}.hybrid.ttt_layer."
     legacy = {k: v.clone() for k, v in ours.items() if ".ttt." not in k}  # base keys
     W1 = torch.randn(H, d, 4 * d, dtype=torch.float64)
@@ -185,3 +196,12 @@ def test_legacy_checkpoint_migration():
     result = model.load_state_dict(new, strict=False)
     assert not result.unexpected_keys
     assert "mapped" in rep.summary() and "left" in rep.summary()
+    # Projections map at the model's inner width H d; a host-width one into a narrow model is left.
+    E, dim = H * d, 64
+    proj = {p.format(1) + "q_proj.weight": torch.randn(E, dim, dtype=torch.float64),
+            p.format(1) + "o_proj.weight": torch.randn(dim, E, dtype=torch.float64),
+            p.format(2) + "wk.weight": torch.randn(dim, dim, dtype=torch.float64)}
+    new, rep = migrate_legacy_state_dict(proj, target=ours)
+    assert torch.equal(new["transformer.layers.1.ttt.layer.wq.weight"], proj[p.format(1) + "q_proj.weight"])
+    assert torch.equal(new["transformer.layers.1.ttt.layer.wo.weight"], proj[p.format(1) + "o_proj.weight"])
+    assert (p.format(2) + "wk.weight" in rep.left) == (E != dim)

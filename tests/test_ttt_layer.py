@@ -9,6 +9,11 @@ from moshi_ttt.ttt.state import load_states, save_states, state_from_tensors
 
 D = torch.float64
 
+# Inner widths on a host of width 16 with 4 heads: the full-width default (4 x 4), a narrow memory
+# (2 x 6 = 12 < 16) and a wide one (3 x 8 = 24 > 16, head count not dividing the host width).
+WIDTHS = [{}, {"num_heads": 2, "head_dim": 6}, {"num_heads": 3, "head_dim": 8}]
+WIDTH_IDS = ["host", "narrow12", "wide24"]
+
 
 def make_layer(**cfg):
     cfg = {"mini_batch_size": 4, "init_std": 0.2, "base_lr": 4.0, **cfg}
@@ -32,11 +37,12 @@ def states_equal(a, b):
     return all(torch.equal(t, getattr(b, n)) for n, t in a.items())
 
 
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("persistent", [True, False])
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("short_conv", [0, 3])
-def test_full_chunked_and_frame_by_frame_agree(persistent, rope, short_conv):
-    layer = make_layer(persistent_states=persistent, chunk_frames=6, rope=rope, short_conv=short_conv)
+def test_full_chunked_and_frame_by_frame_agree(persistent, rope, width, short_conv):
+    layer = make_layer(persistent_states=persistent, chunk_frames=6, rope=rope, short_conv=short_conv, **width)
     x = torch.randn(2, 20, 16, dtype=D)
     full, st_full = layer(x)
     chunked, st_c = run_chunks(layer, x, (7, 5, 1, 7))
@@ -69,9 +75,10 @@ def test_batch_samples_are_independent(short_conv):
         assert all((t[b:b + 1] - getattr(s1, n)).abs().max() < 1e-12 for n, t in st.items())
 
 
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("short_conv", [0, 3])
-def test_reset_mask_resets_only_selected_samples(short_conv):
-    layer = make_layer(short_conv=short_conv)
+def test_reset_mask_resets_only_selected_samples(width, short_conv):
+    layer = make_layer(short_conv=short_conv, **width)
     x = torch.randn(3, 10, 16, dtype=D)
     _, st = layer(x)
     st2 = layer.reset(st, torch.tensor([False, True, False]))
@@ -86,9 +93,10 @@ def test_reset_mask_resets_only_selected_samples(short_conv):
     assert (out[1:2] - out_fresh).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("short_conv", [0, 3])
-def test_exec_mask_keeps_state_bit_for_bit(short_conv):
-    layer = make_layer(short_conv=short_conv)
+def test_exec_mask_keeps_state_bit_for_bit(width, short_conv):
+    layer = make_layer(short_conv=short_conv, **width)
     x = torch.randn(2, 6, 16, dtype=D)
     _, st = layer(x)
     for n in (1, 3):  # per-token and dual paths
@@ -172,8 +180,9 @@ def test_gradcheck_whole_layer():
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
 
 
-def test_state_save_load_roundtrip(tmp_path):
-    layer = make_layer()
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
+def test_state_save_load_roundtrip(tmp_path, width):
+    layer = make_layer(**width)
     x = torch.randn(2, 7, 16, dtype=D)
     _, st = layer(x)
     save_states(tmp_path / "m.safetensors", {"layer0": st}, {"note": "test"})
@@ -192,6 +201,7 @@ def test_state_save_load_roundtrip(tmp_path):
     ({"layers": "every:0"}, "unknown layer spec"),
     ({"base_lr": -1.0}, "base_lr"),
     ({"state_grad": "bogus"}, "state_grad"),
+    ({"head_dim": 0}, "head_dim"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(TTTConfigError, match=match):
@@ -244,3 +254,71 @@ def test_short_conv_is_a_causal_depthwise_convolution():
     _, xk2, _, _ = layer.project(x2, torch.zeros(2, dtype=torch.long))
     changed = (xk2 - xk).abs().amax(dim=(0, 1, 3))
     assert changed[:4].max() == 0 and changed[4] > 0 and changed[5] > 0 and changed[6] > 0 and changed[7] == 0
+
+
+@pytest.mark.parametrize("width", WIDTHS[1:], ids=WIDTH_IDS[1:])
+def test_inner_width_shapes_and_parameter_count(width):
+    """Projections dim -> H d and back, post-norm over H d, lr gate dim -> H: counted by hand."""
+    dim, H, d = 16, width["num_heads"], width["head_dim"]
+    E, F, K = H * d, 4 * d, 4
+    layer = make_layer(**width)
+    assert layer.wq.weight.shape == layer.wk.weight.shape == layer.wv.weight.shape == (E, dim)
+    assert layer.wo.weight.shape == (dim, E) and layer.post_norm.weight.shape == (E,)
+    assert layer.lr_gate.weight.shape == (H, dim) and layer.W1.shape == (H, d, F)
+    hand = (4 * dim * E + (dim * H + H) + K + 2 * H * d + H * d * F + H * F + H * F * d + H * d
+            + 2 * E + dim)
+    assert sum(p.numel() for p in layer.parameters()) == hand
+    st = layer.init_state(2)
+    assert st.W1.shape == (2, H, d, F) and st.b2.shape == (2, H, 1, d)
+
+
+@pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
+def test_layer_matches_oracle_at_any_inner_width(width):
+    """The whole layer against an independent float64 computation: projections written as
+    matrix products, the token-by-token autograd oracle, post-norm and output projection."""
+    from moshi_ttt.ttt.reference import ttt_mlp_reference
+
+    layer = make_layer(**width)
+    H, d = layer.num_heads, layer.head_dim
+    x = torch.randn(2, 11, 16, dtype=D)
+    out, st = layer(x)
+
+    def heads(w):  # x [B, T, dim] @ w.T [dim, H d] -> [B, H, T, d]
+        return (x @ w.T).view(2, 11, H, d).permute(0, 2, 1, 3)
+
+    def l2(t):
+        return t / t.pow(2).sum(-1, keepdim=True).sqrt()
+
+    xq, xk, xv = l2(heads(layer.wq.weight)), l2(heads(layer.wk.weight)), heads(layer.wv.weight)
+    lr = (4.0 * torch.sigmoid(x @ layer.lr_gate.weight.T + layer.lr_gate.bias) / d).permute(0, 2, 1)
+    tok = (1.0 / torch.arange(1, 5, dtype=D) + layer.learnable_token_idx).clamp_min(0)
+    o, st_ref = ttt_mlp_reference(xq, xk, xv, lr, layer.ttt_norm_weight, layer.ttt_norm_bias,
+                                  layer.init_state(2), 4, tok)
+    y = o.permute(0, 2, 1, 3).reshape(2, 11, H * d)
+    y = torch.nn.functional.layer_norm(y, (H * d,), layer.post_norm.weight, layer.post_norm.bias, 1e-6)
+    ref = torch.tanh(layer.gating_alpha) * (y @ layer.wo.weight.T)
+    assert (out - ref).abs().max() < 1e-9
+    assert all((t.double() - getattr(st_ref, n).double()).abs().max() < 1e-9 for n, t in st.items())
+
+
+def test_head_dim_default_keeps_full_width():
+    """head_dim None is today's layer: inner width = host width, same init for the same seed."""
+    torch.manual_seed(3)
+    a = TTTMLP(16, 4, TTTConfig(), dtype=D)
+    torch.manual_seed(3)
+    b = TTTMLP(16, 4, TTTConfig(num_heads=4, head_dim=4), dtype=D)
+    assert a.inner_dim == 16 and a.head_dim == 4
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="head_dim"):
+        TTTMLP(16, 4, TTTConfig(num_heads=3))
+
+
+def test_exec_mask_written_in_place_after_forward_keeps_backward_valid():
+    """moshi writes its exec_mask in place (a reset of another sample); a graph kept across
+    chunks (state_grad: full) saved the mask of an earlier chunk and must still backpropagate."""
+    layer = make_layer()
+    mask = torch.tensor([True, False])
+    out, st = layer(torch.randn(2, 5, 16, dtype=D), exec_mask=mask)
+    mask[:] = torch.tensor([True, True])
+    (out.pow(2).sum() + st.W1.sum()).backward()
+    assert layer.W1.grad is not None and layer.W1.grad.abs().max() > 0

@@ -1,4 +1,4 @@
-"""``moshi-ttt bench {model,op,generate}``: benchmarks that compare against stock Moshi in one run."""
+"""``moshi-ttt bench {model,op,generate,cost}``: benchmarks that compare against stock Moshi in one run."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     generate.add_arguments(pg)
     pg.set_defaults(func=generate.main_args)
+    from . import cost
+
+    pc = bsub.add_parser("cost", help="computed cost (meta device, no weights): parameters, bytes per "
+                         "LMGen.step, FLOPs, state, training memory for DDP/FSDP; ratios to stock",
+                         description=cost.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cost.add_arguments(pc)
+    pc.set_defaults(func=cost.main_args)
     try:
         from . import op
     except ImportError:  # the op benchmark lands with the kernels

@@ -252,7 +252,10 @@ def _group(evals: Sequence[EvalResult]) -> dict[str, _Corpus]:
         if len(data) > 1:
             c.notes.append(f"conditions were evaluated on different data paths: {sorted(data)} (files are still "
                            "matched by file_id)")
-    return {k: corpora[k] for k in sorted(corpora, key=lambda n: (CORPUS_ORDER.index(n) if n in CORPUS_ORDER else len(CORPUS_ORDER), n))}
+    def order(n: str) -> tuple[int, str]:
+        return (CORPUS_ORDER.index(n) if n in CORPUS_ORDER else len(CORPUS_ORDER), n)
+
+    return {k: corpora[k] for k in sorted(corpora, key=order)}
 
 
 def _conditions(c: _Corpus) -> list[Condition]:

@@ -101,10 +101,13 @@ def load_memory(model, path: str | Path) -> dict[str, Any]:
     mine = _model_meta(model)
     if meta.get("ttt_layers") != mine["ttt_layers"]:
         raise IntegrityError(f"{path}: memory of TTT layers {meta.get('ttt_layers')}, model has {mine['ttt_layers']}")
-    for key in ("mini_batch_size", "num_heads", "qk_l2_norm", "rope"):
-        if (meta.get("ttt") or {}).get(key) != (mine["ttt"] or {}).get(key):
-            raise IntegrityError(f"{path}: TTT setting {key}={meta['ttt'].get(key)!r} differs from the "
-                             f"model's {mine['ttt'].get(key)!r}")
+    # Settings written before a key existed take that key's default (older files stay loadable).
+    defaults = {"head_dim": None, "short_conv": 0}
+    for key in ("mini_batch_size", "num_heads", "head_dim", "short_conv", "qk_l2_norm", "rope"):
+        theirs = (meta.get("ttt") or {}).get(key, defaults.get(key))
+        ours = (mine["ttt"] or {}).get(key, defaults.get(key))
+        if theirs != ours:
+            raise IntegrityError(f"{path}: TTT setting {key}={theirs!r} differs from the model's {ours!r}")
     for i, st in _streaming_blocks(model).items():
         try:
             new = state_from_tensors(grouped[f"layer{i}"], like=st.memory, source=f"{path} layer{i}")

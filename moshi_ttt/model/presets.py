@@ -73,3 +73,37 @@ def memory_lm_kwargs(**overrides: Any) -> dict[str, Any]:
     kw: dict[str, Any] = {"num_layers": 2, "context": 8}
     kw.update(overrides)
     return tiny_lm_kwargs(**kw)
+
+
+def mid_lm_kwargs(**overrides: Any) -> dict[str, Any]:
+    """A mid-size Moshi config for CPU benchmarks: width 1024, 8 layers of 8 heads (head dim 128,
+    as 7B), a 250-frame context, Moshi's 8 + 8 codebooks (of 1024 entries) and a 4000-token text
+    vocabulary, a 2-layer depformer of width 256. About 0.15 B parameters, 70% of them in the
+    temporal transformer as at 7B (83%): large enough that matrix products, not Python overheads,
+    dominate a CPU step, small enough for 2 cores."""
+    kw = tiny_lm_kwargs()
+    kw.update({
+        "dim": 1024, "num_heads": 8, "num_layers": 8, "context": 250,
+        "text_card": 4000, "n_q": 16, "dep_q": 8, "card": 1024,
+        "depformer_dim": 256, "depformer_dim_feedforward": int(4.125 * 256),
+        "depformer_num_heads": 4, "depformer_num_layers": 2, "depformer_context": 8,
+        "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
+    })
+    kw.update(overrides)
+    if len(kw["delays"]) != kw["n_q"] + 1:
+        raise ValueError(f"mid_lm_kwargs: len(delays)={len(kw['delays'])} must equal n_q + 1 = {kw['n_q'] + 1}")
+    return kw
+
+
+# The default TTT layout at Moshi 7B width, chosen with `moshi-ttt bench cost --preset 7b`
+# (configs/moshi7b_finetune.yaml repeats it with the reasoning): 8 of the 32 layers, every other
+# layer of the top half, each with 8 fast-weight heads of 128 (inner width 1024 = 1/4 of the host).
+MOSHI_7B_TTT_LAYERS = [17, 19, 21, 23, 25, 27, 29, 31]
+MOSHI_7B_TTT_HEADS = 8
+MOSHI_7B_TTT_HEAD_DIM = 128
+
+
+def moshi_7b_ttt_kwargs() -> dict[str, Any]:
+    """The default ``TTTConfig`` fields at 7B width (layers and inner width); the rest default."""
+    return {"layers": list(MOSHI_7B_TTT_LAYERS), "num_heads": MOSHI_7B_TTT_HEADS,
+            "head_dim": MOSHI_7B_TTT_HEAD_DIM}

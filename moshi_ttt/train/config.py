@@ -77,6 +77,9 @@ class TrainConfig:
     steps: int = 300
     trainable: Literal["ttt", "ttt+lora", "full"] = "ttt"
     device: str = "auto"
+    # Multi-process training (torchrun): "ddp" replicates the model; "fsdp" shards the base model's
+    # layers with FSDP2 (train/fsdp.py). Ignored in a single process.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ttt: TTTConfig = field(default_factory=lambda: TTTConfig(layers="all", mini_batch_size=8))

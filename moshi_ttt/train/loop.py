@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, resume_changes, to_dict
 from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .fsdp import FSDPState, resume_sharded_run, save_sharded_run
 from .logging import MetricsLogger
 
 
@@ -140,6 +141,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         torch.manual_seed(cfg.seed)
         self.model = make_model(cfg, self.device)
+        self.fsdp = FSDPState(self.model, self.device, self.dist) \
+            if self.dist.enabled and cfg.distributed == "fsdp" else None  # shards before the optimizer sees params
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError(f"trainable={cfg.trainable}: the model has no such parameters (TTT in no layer?)")
@@ -156,7 +159,9 @@ class Trainer:
                                   seed=cfg.seed, mode=cfg.data.mode)
         self.eval_dataset = EncodedDataset(cfg.data.eval) if cfg.data.eval else None
         self.step_module: nn.Module = _ChunkStep(self.model)
-        if self.dist.enabled:
+        if self.fsdp is not None:
+            self.step_module = self.fsdp.shard_root(self.step_module)
+        elif self.dist.enabled:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
@@ -231,7 +236,10 @@ class Trainer:
         terms = combine(ws, cfg.loss, dens[0].to(ws.text_num), dens[1].to(ws.audio_num))
         # DDP averages gradients over ranks: scale so that the result is the global token mean.
         (terms.total * self.dist.world_size).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        if self.fsdp is not None:
+            self.fsdp.sync_grads()
+        clip = self.fsdp.clip_grad_norm_ if self.fsdp is not None else torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(self.params, cfg.optim.grad_clip)
         sums = all_reduce_sum(torch.stack([ws.text_num.detach(), ws.audio_num.detach()]).float(), self.dist)
         loss_value = (cfg.loss.text_weight * sums[0] / dens[0].clamp_min(1e-8)
                       + cfg.loss.audio_weight * sums[1] / dens[1].clamp_min(1e-8))  # global, all ranks
@@ -304,7 +312,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
     def run_eval(self) -> dict[str, Any] | None:
-        if self.eval_dataset is None or not self.dist.is_main:
+        if self.eval_dataset is None or not self.dist.is_main or self.fsdp is not None:  # FSDP: see fsdp.py
             return None
         from ..eval.evaluate import evaluate, summarize
 
@@ -319,6 +327,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
+        if self.fsdp is not None:
+            return save_sharded_run(self)
         if not self.dist.is_main:
             return None
         trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -389,6 +399,8 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
 
     def _resume(self, ck: Path) -> None:
+        if self.fsdp is not None:
+            return resume_sharded_run(self, ck)
         if self.dist.world_size > 1:
             raise ConfigError("resuming a multi-process run: run the same world size; the carried memory "
                               "of every rank's lanes is in the checkpoint of rank 0 only for now")

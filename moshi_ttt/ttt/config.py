@@ -39,7 +39,10 @@ class TTTConfig:
             ``W_base + stopgrad(W_state - W_base)`` at every chunk (every chunk's loss reaches the
             learned initial weights, but never the write side of earlier chunks); "detach": plain
             stop-gradient (only chunks right after a reset reach the initial weights).
-        num_heads: TTT heads; None uses the host model's number of heads.
+        num_heads: TTT heads H; None uses the host model's number of heads.
+        head_dim: TTT head dim d; the inner width is ``H * d``, independent of the host width
+            (projections ``dim -> H d`` and back). None keeps ``d = dim / H`` (inner width = host
+            width, the full-width layer).
         qk_l2_norm: L2-normalise the inner keys and queries. Default True, as in ttt-video-dit:
             it bounds the inner gradient (||xk|| = 1), so the inner step size does not depend on the
             activation scale of the pretrained host model, which we do not control. ttt-lm-pytorch
@@ -64,6 +67,7 @@ class TTTConfig:
     initial_gating_alpha: float = 0.1
     state_grad: Literal["full", "delta", "detach"] = "delta"
     num_heads: int | None = None
+    head_dim: int | None = None
     qk_l2_norm: bool = True
     rope: bool = False
     rope_theta: float = 10000.0
@@ -94,6 +98,9 @@ class TTTConfig:
             raise bad("state_grad", "must be 'full', 'delta' or 'detach'")
         if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
             raise bad("num_heads", "must be null or an integer >= 1")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+                                          or self.head_dim < 1):
+            raise bad("head_dim", "must be null or an integer >= 1")
         if not isinstance(self.persistent_states, bool):
             raise bad("persistent_states", "must be true or false")
         if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0:

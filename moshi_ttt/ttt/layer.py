@@ -22,18 +22,21 @@ class TTTMLP(nn.Module):
     """Gated TTT-MLP memory.
 
     Args:
-        dim: model width.
+        dim: model (host) width.
         num_heads: host heads; used when ``config.num_heads`` is None.
         config: the TTT configuration.
 
-    Parameters (H heads of d = dim / H, F = 4 d) -- every one an ``nn.Parameter`` that forward
-    never writes:
-        wq, wk, wv, wo: Linear(dim, dim) projections;
+    Inner width: H heads (``config.num_heads`` or the host's) of d (``config.head_dim``, or
+    ``dim / H`` when None), ``E = H d`` channels, F = 4 d. E is independent of ``dim``: a narrow
+    memory (E << dim) costs ``4 dim E`` projection weights instead of ``4 dim^2``.
+
+    Parameters -- every one an ``nn.Parameter`` that forward never writes:
+        wq, wk, wv: Linear(dim, E); wo: Linear(E, dim);
         lr_gate: Linear(dim, H), the inner learning rate is ``base_lr * sigmoid(.) / d``;
         learnable_token_idx [K]: offset added to ``1/(i+1)`` (clamped >= 0);
         ttt_norm_weight, ttt_norm_bias [H, d]: inner layer norm (prediction and target);
         W1 [H, d, F], b1 [H, 1, F], W2 [H, F, d], b2 [H, 1, d]: learned initial fast weights;
-        post_norm: LayerNorm(dim) before ``wo``;
+        post_norm: LayerNorm(E) before ``wo``;
         gating_alpha [dim]: per-channel gate ``tanh(alpha)``;
         conv_weight [3, dim, k] (``short_conv`` = k > 1): causal depthwise kernels on the inputs of
             q, k and v (identity at init); its input tail is carried in the state (``conv``).
@@ -45,16 +48,21 @@ class TTTMLP(nn.Module):
         self.config = config
         self.dim = dim
         self.num_heads = config.num_heads or num_heads
-        if dim % self.num_heads:
-            raise ValueError(f"TTT: dim={dim} is not divisible by num_heads={self.num_heads}")
-        self.head_dim = dim // self.num_heads
+        if config.head_dim is not None:
+            self.head_dim = config.head_dim
+        elif dim % self.num_heads:
+            raise ValueError(f"TTT: dim={dim} is not divisible by num_heads={self.num_heads}; "
+                             "set ttt.head_dim to choose the inner width")
+        else:
+            self.head_dim = dim // self.num_heads
+        self.inner_dim = self.num_heads * self.head_dim
         if config.rope and self.head_dim % 2:
             raise ValueError(f"TTT: rope needs an even head dim, got {self.head_dim}")
-        H, d, K = self.num_heads, self.head_dim, config.mini_batch_size
-        self.wq = nn.Linear(dim, dim, bias=False, **fk)
-        self.wk = nn.Linear(dim, dim, bias=False, **fk)
-        self.wv = nn.Linear(dim, dim, bias=False, **fk)
-        self.wo = nn.Linear(dim, dim, bias=False, **fk)
+        H, d, K, E = self.num_heads, self.head_dim, config.mini_batch_size, self.inner_dim
+        self.wq = nn.Linear(dim, E, bias=False, **fk)
+        self.wk = nn.Linear(dim, E, bias=False, **fk)
+        self.wv = nn.Linear(dim, E, bias=False, **fk)
+        self.wo = nn.Linear(E, dim, bias=False, **fk)
         self.lr_gate = nn.Linear(dim, H, bias=True, **fk)
         self.learnable_token_idx = nn.Parameter(torch.zeros(K, **fk))
         self.ttt_norm_weight = nn.Parameter(torch.ones(H, d, **fk))
@@ -63,7 +71,7 @@ class TTTMLP(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * d, **fk))
         self.W2 = nn.Parameter(torch.empty(H, 4 * d, d, **fk))
         self.b2 = nn.Parameter(torch.zeros(H, 1, d, **fk))
-        self.post_norm = nn.LayerNorm(dim, eps=1e-6, **fk)
+        self.post_norm = nn.LayerNorm(E, eps=1e-6, **fk)
         self.gating_alpha = nn.Parameter(torch.empty(dim, **fk))
         if config.short_conv > 1:  # depthwise causal kernels for the inputs of q, k and v
             self.conv_weight = nn.Parameter(torch.empty(3, dim, config.short_conv, **fk))
@@ -75,7 +83,8 @@ class TTTMLP(nn.Module):
         """(Re)initialise every TTT parameter; also used after meta-device construction."""
         std = self.config.init_std
         for lin in (self.wq, self.wk, self.wv, self.wo):
-            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(self.dim))
+            # 1/sqrt(fan-in): dim for wq/wk/wv, the inner width E for wo (equal when E == dim).
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
         nn.init.normal_(self.lr_gate.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
         nn.init.zeros_(self.learnable_token_idx)
@@ -120,6 +129,7 @@ class TTTMLP(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, H d] -> [B, H, T, d]."""
         B, T, _ = t.shape
         return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
 
@@ -172,7 +182,7 @@ class TTTMLP(nn.Module):
         return xq, xk, xv, lr.transpose(1, 2)
 
     def readout(self, out: torch.Tensor) -> torch.Tensor:
-        """Inner outputs [B, H, T, d] -> gated update [B, T, dim]."""
+        """Inner outputs [B, H, T, d] -> gated update [B, T, dim] (post-norm over H d, then wo)."""
         B, H, T, d = out.shape
         y = out.transpose(1, 2).reshape(B, T, H * d)
         return self.gate() * self.wo(self.post_norm(y))

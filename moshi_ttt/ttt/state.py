@@ -106,7 +106,13 @@ def init_state(
 
 
 def _bmask(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return mask.to(device=t.device, dtype=torch.bool).view(-1, *([1] * (t.dim() - 1)))
+    m = mask.to(device=t.device, dtype=torch.bool)
+    if torch.is_grad_enabled():
+        # torch.where saves its condition for backward, and moshi updates its exec_mask in place
+        # (State.reset, set_exec_mask): a graph kept across chunks (state_grad: full) must not
+        # see a later chunk's write.
+        m = m.clone()
+    return m.view(-1, *([1] * (t.dim() - 1)))
 
 
 def select_state(mask: torch.Tensor, new: TTTState, old: TTTState) -> TTTState:
