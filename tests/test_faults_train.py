@@ -75,8 +75,8 @@ def carried_state(tr):
             elif isinstance(v, RingKVCache):
                 out[f"{name}:{f.name}.cache"] = v.cache.detach().clone()
             elif hasattr(v, "W1"):
-                for g in dataclasses.fields(v):
-                    out[f"{name}:{f.name}.{g.name}"] = getattr(v, g.name).detach().clone()
+                for g, t in v.items():  # conv only when the layer has a short convolution
+                    out[f"{name}:{f.name}.{g}"] = t.detach().clone()
     return out
 
 
