@@ -165,3 +165,102 @@ def test_shape_errors_are_clear():
         ttt_mlp(**{**inputs, "lr": inputs["lr"][:, :, :3]}, state=st, mini_batch_size=4)
     with pytest.raises(ValueError, match="token_idx"):
         ttt_mlp(**inputs, state=st, mini_batch_size=4, token_idx=torch.ones(3, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- analytic backward
+def _grads_from_carried_state(fn, K, offsets, T, seed=5):
+    """Gradients of outputs and every output-state field with respect to every input, including
+    a carried state that sits inside its mini-batch (non-zero running sums, per-sample offsets)
+    and has a graph of its own (its weights and sums are leaves here)."""
+    inputs, base = random_op_inputs(B=len(offsets), T=T, d=3, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    st0 = init_state(*base, batch_size=len(offsets))
+    leaves = {}
+    fields = {}
+    for name, t in st0.items():
+        if name == "pos":
+            fields[name] = torch.tensor(offsets)
+            continue
+        v = (t + 0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype)).requires_grad_(True)
+        leaves["state." + name] = fields[name] = v
+    state = TTTState(**fields)
+    for k, v in inputs.items():
+        leaves[k] = v.requires_grad_(True)
+    tok = (1.0 / torch.arange(1, K + 1, dtype=torch.float64) + 0.1).requires_grad_(True)
+    leaves["token_idx"] = tok
+    out, new = fn(**inputs, state=state, mini_batch_size=K, token_idx=tok)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    loss = (out * w).sum()
+    for i, (name, t) in enumerate(new.items()):
+        if name != "pos":
+            loss = loss + (t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() * (1 + i)
+    return list(leaves), torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+
+
+@pytest.mark.parametrize("K,offsets,T", [(4, [1, 1], 7), (4, [0, 3, 2], 6), (3, [2, 0], 2), (1, [0, 0], 3),
+                                         (4, [0, 0], 8)])
+def test_dual_gradients_from_a_carried_state_match_reference(K, offsets, T):
+    names, g_ref = _grads_from_carried_state(ttt_mlp_reference, K, offsets, T)
+    for impl in ("dual", "dual_autograd"):
+        _, g = _grads_from_carried_state(lambda impl=impl, **kw: ttt_mlp(**kw, impl=impl), K, offsets, T)
+        for name, a, b in zip(names, g, g_ref):
+            assert b is not None and b.abs().max() > 0, name
+            assert a is not None and (a - b).abs().max() < 1e-9, (impl, name, (a - b).abs().max())
+
+
+def test_dual_gradients_are_chunk_invariant():
+    """One call over T tokens and the same tokens split into calls (boundaries inside mini-batches)
+    give the same gradients for every input: the analytic backward chains through the state."""
+    K = 4
+    inputs, base = random_op_inputs(B=2, T=13, d=4, seed=7)
+    leaves = {**inputs, **dict(zip(("W1", "b1", "W2", "b2"), base))}
+    for v in leaves.values():
+        v.requires_grad_(True)
+    w = torch.randn(2, 2, 13, 4, dtype=torch.float64)
+
+    def grads(sizes):
+        st = init_state(leaves["W1"], leaves["b1"], leaves["W2"], leaves["b2"], 2)
+        outs, s = [], 0
+        for n in sizes:
+            piece = {k: v[:, :, s:s + n] if k in ("xq", "xk", "xv", "lr") else v for k, v in inputs.items()}
+            o, st = ttt_mlp(**piece, state=st, mini_batch_size=K, impl="dual")
+            outs.append(o)
+            s += n
+        loss = (torch.cat(outs, 2) * w).sum() + st.W2.pow(2).sum() + st.gW1.sum()
+        return torch.autograd.grad(loss, list(leaves.values()))
+
+    for a, b in zip(grads([13]), grads([2, 5, 1, 5])):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_dual_no_grad_equals_grad_forward():
+    """Under no_grad the dual form skips the autograd nodes; the values are the same."""
+    inputs, base = random_op_inputs(B=2, T=10)
+    st = init_state(*base, batch_size=2)
+    out, new = ttt_mlp(**inputs, state=st, mini_batch_size=4, impl="dual")
+    with torch.no_grad():
+        out2, new2 = ttt_mlp(**inputs, state=st, mini_batch_size=4, impl="dual")
+    assert torch.equal(out, out2) and max_state_diff(new, new2) == 0
+
+
+@pytest.mark.parametrize("has_sums,closes", [(False, True), (True, True), (True, False), (False, False)])
+def test_dual_mini_batch_node_gradcheck(has_sums, closes):
+    """torch.autograd.gradcheck of one mini-batch node against finite differences."""
+    from moshi_ttt.ttt.dual import _MiniBatch
+
+    g = torch.Generator().manual_seed(11)
+    N, n, d, F = 3, 3, 2, 8
+
+    def r(*s, scale=1.0):
+        return (scale * torch.randn(*s, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+    args = [r(N, n, d), r(N, n, d), r(N, n, d), torch.rand(N, n, 1, generator=g, dtype=torch.float64)
+            .requires_grad_(True), r(1, n, 1, scale=0.5), r((), scale=0.5), r(N, 1, d),
+            r(N, d, F, scale=0.5), r(N, 1, F, scale=0.2), r(N, F, d, scale=0.5), r(N, 1, d, scale=0.2)]
+    sums = [r(N, d, F, scale=0.1), r(N, 1, F, scale=0.1), r(N, F, d, scale=0.1), r(N, 1, d, scale=0.1)]
+
+    def f(*a):
+        s = a[11:] if has_sums else (None,) * 4
+        return _MiniBatch.apply(*a[:11], *s, closes)
+
+    assert torch.autograd.gradcheck(f, (*args, *(sums if has_sums else ())), eps=1e-6, atol=1e-6)

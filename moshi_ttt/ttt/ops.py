@@ -31,10 +31,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .dual import dual_same_offset
 from .kernels.dispatch import try_kernel
 from .state import TTTState, init_state
 
-__all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_token", "default_token_idx", "LN_EPS"]
+__all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_dual_autograd", "ttt_mlp_token", "default_token_idx",
+           "LN_EPS"]
 
 LN_EPS = 1e-6
 # Exact constant: the rounded 0.79788456 of the reference repos drifts float64 checks by 1e-9.
@@ -192,9 +194,8 @@ def _by_offset(fn, xq, xk, xv, lr, state: TTTState, K: int, **kw) -> tuple[torch
     return out, new
 
 
-def ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
-                 token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
-    """Dual (matrix) form; same contract as ``ttt_mlp``."""
+def _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+               token_idx: torch.Tensor | None, same_offset) -> tuple[torch.Tensor, TTTState]:
     K = mini_batch_size
     _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
     dt = state.W1.dtype
@@ -202,11 +203,27 @@ def ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch
         token_idx = default_token_idx(K, device=xq.device, dtype=dt)
     ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
     out, new = _by_offset(
-        lambda q, k, v, r, state, offset: _dual_same_offset(q, k, v, r, ln_w, ln_b, state, K,
-                                                            token_idx.to(dt), offset),
+        lambda q, k, v, r, state, offset: same_offset(q, k, v, r, ln_w, ln_b, state, K,
+                                                      token_idx.to(dt), offset),
         xq.to(dt), xk.to(dt), xv.to(dt), lr.to(dt), state, K,
     )
     return out.to(xq.dtype), new
+
+
+def ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+                 token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
+    """Dual (matrix) form with one autograd node per inner mini-batch and an analytic backward
+    (``dual.py``); same contract as ``ttt_mlp``."""
+    return _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
+                      dual_same_offset)
+
+
+def ttt_mlp_dual_autograd(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+                          token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
+    """The dual form written op by op and differentiated by autograd (slow at small shapes: kept
+    as an independent cross-check of ``ttt_mlp_dual``'s analytic backward); same contract."""
+    return _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
+                      _dual_same_offset)
 
 
 # ----------------------------------------------------------------------------- per-token form
@@ -274,7 +291,8 @@ def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: 
 def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
             ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
             token_idx: torch.Tensor | None = None, *,
-            impl: Literal["auto", "dual", "token", "triton"] = "auto") -> tuple[torch.Tensor, TTTState]:
+            impl: Literal["auto", "dual", "dual_autograd", "token", "triton"] = "auto",
+            ) -> tuple[torch.Tensor, TTTState]:
     """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state``.
 
     Args:
@@ -284,7 +302,8 @@ def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tens
         state: the per-sample state (``init_state`` or a previous call's ``new_state``).
         mini_batch_size: K, tokens per inner step.
         token_idx: [K] step-size multipliers per mini-batch position; default ``1/(i+1)``.
-        impl: "dual" (matrix form), "token" (per-token), "triton" (fused kernels, CUDA), or
+        impl: "dual" (matrix form, analytic backward), "dual_autograd" (the same, differentiated
+            by autograd), "token" (per-token), "triton" (fused kernels, CUDA), or
             "auto": the fused kernels when enabled (``MOSHI_TTT_KERNELS=1``) and supported,
             else token for T == 1 and dual otherwise.
     Returns:
@@ -301,6 +320,8 @@ def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tens
         return ttt_mlp_triton(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "dual":
         return ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
+    if impl == "dual_autograd":
+        return ttt_mlp_dual_autograd(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "token":
         return ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
-    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'token' or 'triton'")
+    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'dual_autograd', 'token' or 'triton'")
