@@ -264,3 +264,48 @@ def test_dual_mini_batch_node_gradcheck(has_sums, closes):
         return _MiniBatch.apply(*a[:11], *s, closes)
 
     assert torch.autograd.gradcheck(f, (*args, *(sums if has_sums else ())), eps=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- in-place streaming step
+def test_inplace_step_equals_token_form_bit_for_bit():
+    """``ttt_mlp_step_`` over a sequence (per-sample offsets, some samples not executing) gives
+    the token form's outputs and states exactly, in the same tensors (stable addresses)."""
+    from moshi_ttt.ttt.ops import ttt_mlp_step_
+    from moshi_ttt.ttt.state import select_state
+
+    K, T = 4, 9
+    inputs, base = random_op_inputs(B=3, T=T, seed=9)
+    tok = 1.0 / torch.arange(1, K + 1, dtype=torch.float64) + 0.05
+    st = init_state(*base, batch_size=3)
+    st.pos.copy_(torch.tensor([0, 2, 3]))
+    ref = st.clone()
+    ptrs = [t.data_ptr() for _, t in st.items()]
+    g = torch.Generator().manual_seed(2)
+    for t in range(T):
+        one = {k: v[:, :, t:t + 1] if k in ("xq", "xk", "xv", "lr") else v for k, v in inputs.items()}
+        ex = torch.rand(3, generator=g) > 0.3
+        o_ref, new = ttt_mlp(**one, state=ref, mini_batch_size=K, token_idx=tok, impl="token")
+        ref = select_state(ex, new, ref)
+        o = ttt_mlp_step_(**one, state=st, mini_batch_size=K, token_idx=tok, exec_mask=ex)
+        assert torch.equal(o, o_ref)
+        assert all(torch.equal(a, getattr(ref, n)) for n, a in st.items())
+    assert [t.data_ptr() for _, t in st.items()] == ptrs
+    out_ref, st_ref = ttt_mlp_reference(**{k: v[:, :, :1] if k in ("xq", "xk", "xv", "lr") else v
+                                           for k, v in inputs.items()},
+                                        state=init_state(*base, batch_size=3), mini_batch_size=K, token_idx=tok)
+    st1 = init_state(*base, batch_size=3)
+    o1 = ttt_mlp_step_(**{k: v[:, :, :1] if k in ("xq", "xk", "xv", "lr") else v for k, v in inputs.items()},
+                       state=st1, mini_batch_size=K, token_idx=tok)
+    assert (o1 - out_ref).abs().max() < 1e-9 and max_state_diff(st1, st_ref) < 1e-9
+
+
+def test_reset_state_inplace_resets_only_selected_samples():
+    from moshi_ttt.ttt.state import reset_state_
+
+    inputs, base = random_op_inputs(B=3, T=6)
+    _, st = ttt_mlp(**inputs, state=init_state(*base, batch_size=3), mini_batch_size=4)
+    snap, fresh = st.clone(), init_state(*base, batch_size=3)
+    reset_state_(st, base, torch.tensor([False, True, False]))
+    for n, t in st.items():
+        assert torch.equal(t[1], getattr(fresh, n)[1]), n
+        assert torch.equal(t[0], getattr(snap, n)[0]) and torch.equal(t[2], getattr(snap, n)[2]), n

@@ -13,8 +13,8 @@ from torch import nn
 
 from .config import TTTConfig
 from .kernels.dispatch import try_step_
-from .ops import default_token_idx, ttt_mlp
-from .state import TTTState, carry_state, init_state, reset_state, select_state
+from .ops import default_token_idx, ttt_mlp, ttt_mlp_step_
+from .state import TTTState, carry_state, init_state, reset_state, reset_state_, select_state
 
 
 class TTTMLP(nn.Module):
@@ -171,15 +171,16 @@ class TTTMLP(nn.Module):
         ln_w, ln_b, tok = self.ttt_norm_weight, self.ttt_norm_bias, self.token_idx()
         K = self.config.mini_batch_size
         if inplace and T == 1 and impl == "auto" and not torch.is_grad_enabled():
+            # Streaming (LMGen): update the caller's state in place, no host sync, no new state.
             if not self.config.persistent_states:
-                fresh = fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)
                 due = state.pos >= self.config.chunk_frames
                 if exec_mask is not None:  # a sample that does not execute keeps its state exactly
                     due = due & exec_mask.to(due.device)
-                state.copy_(reset_state(state, fresh, due))
+                reset_state_(state, self.base_weights(), due)
             out = try_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
-            if out is not None:  # state updated in place, exec_mask honoured by the kernel
-                return self.readout(out), state
+            if out is None:  # no fused kernel here (CPU, or kernels off): the same step in torch
+                out = ttt_mlp_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
+            return self.readout(out), state
 
         if self.config.persistent_states:
             out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
@@ -190,7 +191,10 @@ class TTTMLP(nn.Module):
             if fresh is None:
                 fresh = self.init_state(B, dtype=state.W1.dtype)
             if T == 1:  # streaming: no host sync (CUDA graphs)
-                state = reset_state(state, fresh, state.pos >= P)
+                due = state.pos >= P
+                if exec_mask is not None:  # as the in-place step: a non-executing sample is untouched
+                    due = due & exec_mask.to(due.device)
+                state = reset_state(state, fresh, due)
                 out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
             else:
                 outs, t = [], 0

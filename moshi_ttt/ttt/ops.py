@@ -35,7 +35,8 @@ from .dual import dual_same_offset
 from .kernels.dispatch import try_kernel
 from .state import TTTState, init_state
 
-__all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_dual_autograd", "ttt_mlp_token", "default_token_idx",
+__all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_dual_autograd", "ttt_mlp_token", "ttt_mlp_step_",
+           "default_token_idx",
            "LN_EPS"]
 
 LN_EPS = 1e-6
@@ -75,9 +76,18 @@ def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias
     return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / std
 
 
+_TOKEN_IDX: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def default_token_idx(mini_batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``1 / (i + 1)`` for i in [0, K): token i of a mini-batch averages the gradients so far."""
-    return 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=dtype)
+    """``1 / (i + 1)`` for i in [0, K): token i of a mini-batch averages the gradients so far.
+
+    A constant, cached per (K, device, dtype): treat the result as read-only."""
+    key = (mini_batch_size, torch.device(device or "cpu"), dtype)
+    t = _TOKEN_IDX.get(key)
+    if t is None:
+        t = _TOKEN_IDX[key] = 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=dtype)
+    return t
 
 
 def _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, K: int, token_idx) -> None:
@@ -253,38 +263,115 @@ def ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batc
     return out.to(xq.dtype), state
 
 
-def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: torch.Tensor):
-    """One token: xq, xk, xv [B, H, 1, d], lr [B, H, 1]."""
-    W1, b1, W2, b2 = state.weights()
-    p = state.pos % K                                             # [B]
-    eta = token_idx[p].view(-1, 1, 1, 1)                          # [B, 1, 1, 1]
-    closes = (p == K - 1).view(-1, 1, 1, 1)
+def _token_grads(xk, xv, lr, lw2, W1, b1, W2, b2):
+    """Inner gradient of one token per row at the mini-batch-start weights, lr folded in.
 
-    z1k = xk @ W1 + b1
+    xk, xv [N, 1, d]; lr [N, 1, 1]; lw2 = ln_weight^2 [N, 1, d]; W* [N, ...] (N = B * H).
+    Returns x2k [N, 1, F] and lr * dl/dz1 [N, 1, F], lr * dl/dz2 [N, 1, d].
+    ``LN(z) - LN(xv - xk)`` with a shared affine is ``w * (xhat - xhat_target)``: the bias cancels.
+    """
+    z1k = torch.baddbmm(b1, xk, W1)
     x2k = gelu_tanh(z1k)
-    z2k = x2k @ W2 + b2
-    target = layer_norm(xv - xk, ln_w, ln_b)
-    gz2 = ln_l2_grad(z2k, target, ln_w, ln_b) * lr.unsqueeze(-1)
-    gz1 = ((gz2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1k))   # lr already folded into gz2
-    gW1 = state.gW1 + xk.transpose(-1, -2) @ gz1
-    gb1 = state.gb1 + gz1
-    gW2 = state.gW2 + x2k.transpose(-1, -2) @ gz2
-    gb2 = state.gb2 + gz2
+    z2k = torch.baddbmm(b2, x2k, W2)
+    var, mu = torch.var_mean(z2k, -1, correction=0, keepdim=True)
+    rstd = (var + LN_EPS).rsqrt()
+    xh = (z2k - mu) * rstd
+    gh = (xh - F.layer_norm(xv - xk, xv.shape[-1:], eps=LN_EPS)) * lw2
+    gz2 = torch.addcmul(gh - gh.mean(-1, keepdim=True), xh, (gh * xh).mean(-1, keepdim=True), value=-1.0)
+    gz2 = gz2 * (rstd * lr)
+    gz1 = torch.ops.aten.gelu_backward(torch.bmm(gz2, W2.transpose(1, 2)), z1k, approximate="tanh")
+    return x2k, gz1, gz2
 
-    W1t, b1t = W1 - eta * gW1, b1 - eta * gb1
-    W2t, b2t = W2 - eta * gW2, b2 - eta * gb2
-    z2q = gelu_tanh(xq @ W1t + b1t) @ W2t + b2t
-    out = xq + layer_norm(z2q, ln_w, ln_b)
 
-    def keep_or(new_w, old_w):
-        return torch.where(closes, new_w, old_w)
+def _token_readout(xq, xk, x2k, gz1, gz2, eta, W1, b1, W2, b2, G1, g1, G2, g2):
+    """Pre-norm output of one token with ``W_t = W0 - eta * (G + own gradient)``, never forming
+    W_t: ``x W_t = x W0 - eta (x G + (x . x_k + 1) * own gradient)``. Shapes as ``_token_grads``;
+    eta [N, 1, 1]. Returns z2q [N, 1, d]."""
+    a1 = torch.bmm(xq, xk.transpose(1, 2)).add_(1.0)
+    in1 = torch.baddbmm(g1, xq, G1).addcmul_(a1, gz1)
+    x2q = gelu_tanh(torch.baddbmm(b1, xq, W1).addcmul_(eta, in1, value=-1.0))
+    a2 = torch.bmm(x2q, x2k.transpose(1, 2)).add_(1.0)
+    in2 = torch.baddbmm(g2, x2q, G2).addcmul_(a2, gz2)
+    return torch.baddbmm(b2, x2q, W2).addcmul_(eta, in2, value=-1.0)
 
-    def zero_or(s):
-        return torch.where(closes, torch.zeros_like(s), s)
 
-    new = TTTState(keep_or(W1t, W1), keep_or(b1t, b1), keep_or(W2t, W2), keep_or(b2t, b2),
-                   zero_or(gW1), zero_or(gb1), zero_or(gW2), zero_or(gb2), state.pos + 1)
-    return out, new
+def _flat_step_inputs(xq, xk, xv, lr, ln_w, state: TTTState, K: int, token_idx: torch.Tensor):
+    """[B, H, 1, .] inputs and the state as [N, ...] views; eta, closing flags per sample."""
+    B, H, _, d = xq.shape
+    N = B * H
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(N, *t.shape[2:])
+
+    p = state.pos % K                                              # [B]
+    eta = token_idx[p].view(B, 1, 1, 1).expand(B, H, 1, 1).reshape(N, 1, 1)
+    closes = (p == K - 1).view(B, 1, 1, 1)
+    lw2 = (ln_w * ln_w).expand(B, H, 1, d).reshape(N, 1, d)
+    return (flat(xq), flat(xk), flat(xv), lr.reshape(N, 1, 1), lw2, eta, closes,
+            [flat(t) for t in state.weights()], [flat(t) for t in state.sums()])
+
+
+def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: torch.Tensor):
+    """One token, functional (autograd): xq, xk, xv [B, H, 1, d], lr [B, H, 1]; ln_w, ln_b [H, 1, d]."""
+    B, H, _, d = xq.shape
+    xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq, xk, xv, lr, ln_w, state, K, token_idx)
+    x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
+    z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
+    out = xq + layer_norm(z2q.view(B, H, 1, d), ln_w, ln_b)
+
+    sums = (torch.baddbmm(G[0], xk3.transpose(1, 2), gz1), G[1] + gz1,
+            torch.baddbmm(G[2], x2k.transpose(1, 2), gz2), G[3] + gz2)
+    sums = [s.view(B, H, *s.shape[1:]) for s in sums]
+    # A closing sample moves W0 to W_{K-1} and restarts its sums (same ops as the in-place step).
+    negc = -(closes.to(xq.dtype) * token_idx[K - 1])
+    keep = (~closes).to(xq.dtype)
+    weights = [torch.addcmul(w, s, negc) for w, s in zip(state.weights(), sums)]
+    return out, TTTState(*weights, *(s * keep for s in sums), state.pos + 1)
+
+
+@torch.no_grad()
+def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
+                  ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
+                  token_idx: torch.Tensor | None = None, exec_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One streaming token per sample, no autograd, the state updated in place.
+
+    xq, xk, xv [B, H, 1, d]; lr [B, H, 1]; ln_weight, ln_bias [H, d]. Samples whose
+    ``exec_mask`` [B] is False keep their state exactly (their output is computed all the same).
+    Same values as ``ttt_mlp_token`` (bit for bit), with no host sync and no new state tensors:
+    the torch counterpart of the fused streaming kernel, for CPU and for GPUs without it.
+    Returns out [B, H, 1, d] (dtype of xq).
+    """
+    K = mini_batch_size
+    dt = state.W1.dtype
+    if token_idx is None:
+        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
+    token_idx = token_idx.to(dt)
+    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    B, H, _, d = xq.shape
+    xq_, xk_, xv_, lr_ = (t.to(dt) for t in (xq, xk, xv, lr))
+    xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx)
+    x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
+    z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
+    out = xq_ + layer_norm(z2q.view(B, H, 1, d), ln_w, ln_b)
+
+    step = torch.ones((), dtype=torch.long, device=xq.device)
+    if exec_mask is not None:  # a sample that does not execute adds nothing and does not close
+        ex = exec_mask.to(device=xq.device)
+        e = ex.to(dt).view(B, 1, 1, 1).expand(B, H, 1, 1).reshape(B * H, 1, 1)
+        gz1, gz2 = gz1 * e, gz2 * e
+        closes = closes & ex.view(B, 1, 1, 1)
+        step = ex.long()
+    G[0].baddbmm_(xk3.transpose(1, 2), gz1)
+    G[1].add_(gz1)
+    G[2].baddbmm_(x2k.transpose(1, 2), gz2)
+    G[3].add_(gz2)
+    negc = -(closes.to(dt) * token_idx[K - 1])
+    keep = (~closes).to(dt)
+    for w, s in zip(state.weights(), state.sums()):
+        w.addcmul_(s, negc)
+        s.mul_(keep)
+    state.pos.add_(step)
+    return out.to(xq.dtype)
 
 
 # ----------------------------------------------------------------------------- dispatch
