@@ -37,6 +37,18 @@ _GELU_C = 0.044715
 _MASKS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
+_ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _one(like: torch.Tensor) -> torch.Tensor:
+    """A cached ``[1, 1, 1]`` one: ``baddbmm(one, a, b)`` is ``a @ b + 1`` in one op."""
+    key = (like.device, like.dtype)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(1, 1, 1, device=like.device, dtype=like.dtype)
+    return t
+
+
 def causal_mask(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``[n, n]`` lower-triangular ones (token i sees j <= i), cached per (n, device, dtype)."""
     key = (n, device, dtype)
@@ -88,23 +100,25 @@ def _mb_forward(xq, xk, c0, lr, eta, el, lw, W1, b1, W2, b2, sums, closes: bool,
     z1k = torch.baddbmm(b1, xk, W1)                                      # [N, n, F]
     x2k = _gelu(z1k)
     z2k = torch.baddbmm(b2, x2k, W2)                                     # [N, n, d]
-    var, mu = torch.var_mean(z2k, -1, correction=0, keepdim=True)
-    rstd = (var + LN_EPS).rsqrt()
-    xh = (z2k - mu) * rstd
+    shape = z2k.shape[-1:]
+    xh, mu, rstd = torch.native_layer_norm(z2k, shape, None, None, LN_EPS)
     q = torch.addcmul(c0, xh, lw)                                        # LN(z2k) - target
     gh = q * lw                                                          # d loss / d xh
-    gz2 = torch.addcmul(gh - _rowmean(gh), xh, _rowmean(gh * xh), value=-1.0) * rstd
+    # gz2 = rstd (gh - mean(gh) - xh mean(gh xh)): layer norm's own backward applied to gh.
+    gz2 = torch.ops.aten.native_layer_norm_backward(gh, z2k, shape, mu, rstd, None, None,
+                                                    [True, False, False])[0]
     h1 = torch.bmm(gz2, W2.transpose(1, 2))                              # [N, n, F]
     gz1 = _gelu_vjp(h1, z1k)
     p1, p2 = gz1 * lr, gz2 * lr
 
-    a1 = torch.bmm(xq, xk.transpose(1, 2)).add_(1.0).mul_(mask)          # [N, n, n]
+    one = _one(xq)
+    a1 = torch.baddbmm(one, xq, xk.transpose(1, 2)).mul_(mask)          # [N, n, n]
     in1 = torch.bmm(a1, p1)
     if sums is not None:
         in1 = in1 + torch.baddbmm(sums[1], xq, sums[0])
     z1q = torch.addcmul(torch.baddbmm(b1, xq, W1), eta, in1, value=-1.0)
     x2q = _gelu(z1q)
-    a2 = torch.bmm(x2q, x2k.transpose(1, 2)).add_(1.0).mul_(mask)
+    a2 = torch.baddbmm(one, x2q, x2k.transpose(1, 2)).mul_(mask)
     in2 = torch.bmm(a2, p2)
     if sums is not None:
         in2 = in2 + torch.baddbmm(sums[3], x2q, sums[2])

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .dual import dual_same_offset
+from .dual import _one, dual_same_offset
 from .kernels.dispatch import try_kernel
 from .state import TTTState, init_state
 
@@ -273,24 +273,30 @@ def _token_grads(xk, xv, lr, lw2, W1, b1, W2, b2):
     z1k = torch.baddbmm(b1, xk, W1)
     x2k = gelu_tanh(z1k)
     z2k = torch.baddbmm(b2, x2k, W2)
-    var, mu = torch.var_mean(z2k, -1, correction=0, keepdim=True)
-    rstd = (var + LN_EPS).rsqrt()
-    xh = (z2k - mu) * rstd
-    gh = (xh - F.layer_norm(xv - xk, xv.shape[-1:], eps=LN_EPS)) * lw2
-    gz2 = torch.addcmul(gh - gh.mean(-1, keepdim=True), xh, (gh * xh).mean(-1, keepdim=True), value=-1.0)
-    gz2 = gz2 * (rstd * lr)
+    shape = z2k.shape[-1:]
+    xh, mu, rstd = torch.native_layer_norm(z2k, shape, None, None, LN_EPS)
+    gh = (xh - F.layer_norm(xv - xk, shape, eps=LN_EPS)) * lw2
+    # d/dz of 0.5 ||LN(z) - target||^2 is layer norm's own backward applied to gh.
+    gz2 = torch.ops.aten.native_layer_norm_backward(gh, z2k, shape, mu, rstd, None, None,
+                                                    [True, False, False])[0] * lr
     gz1 = torch.ops.aten.gelu_backward(torch.bmm(gz2, W2.transpose(1, 2)), z1k, approximate="tanh")
     return x2k, gz1, gz2
+
+
+def ln_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``layer_norm`` through aten's fused op: x [..., n, d]; weight, bias [H, 1, d]."""
+    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=LN_EPS), weight)
 
 
 def _token_readout(xq, xk, x2k, gz1, gz2, eta, W1, b1, W2, b2, G1, g1, G2, g2):
     """Pre-norm output of one token with ``W_t = W0 - eta * (G + own gradient)``, never forming
     W_t: ``x W_t = x W0 - eta (x G + (x . x_k + 1) * own gradient)``. Shapes as ``_token_grads``;
     eta [N, 1, 1]. Returns z2q [N, 1, d]."""
-    a1 = torch.bmm(xq, xk.transpose(1, 2)).add_(1.0)
+    one = _one(xq)
+    a1 = torch.baddbmm(one, xq, xk.transpose(1, 2))
     in1 = torch.baddbmm(g1, xq, G1).addcmul_(a1, gz1)
     x2q = gelu_tanh(torch.baddbmm(b1, xq, W1).addcmul_(eta, in1, value=-1.0))
-    a2 = torch.bmm(x2q, x2k.transpose(1, 2)).add_(1.0)
+    a2 = torch.baddbmm(one, x2q, x2k.transpose(1, 2))
     in2 = torch.baddbmm(g2, x2q, G2).addcmul_(a2, gz2)
     return torch.baddbmm(b2, x2q, W2).addcmul_(eta, in2, value=-1.0)
 
@@ -317,7 +323,7 @@ def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: 
     xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq, xk, xv, lr, ln_w, state, K, token_idx)
     x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
     z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
-    out = xq + layer_norm(z2q.view(B, H, 1, d), ln_w, ln_b)
+    out = xq + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
 
     sums = (torch.baddbmm(G[0], xk3.transpose(1, 2), gz1), G[1] + gz1,
             torch.baddbmm(G[2], x2k.transpose(1, 2), gz2), G[3] + gz2)
@@ -352,7 +358,7 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx)
     x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
     z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
-    out = xq_ + layer_norm(z2q.view(B, H, 1, d), ln_w, ln_b)
+    out = xq_ + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
 
     step = torch.ones((), dtype=torch.long, device=xq.device)
     if exec_mask is not None:  # a sample that does not execute adds nothing and does not close
@@ -365,11 +371,14 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     G[1].add_(gz1)
     G[2].baddbmm_(x2k.transpose(1, 2), gz2)
     G[3].add_(gz2)
-    negc = -(closes.to(dt) * token_idx[K - 1])
-    keep = (~closes).to(dt)
-    for w, s in zip(state.weights(), state.sums()):
-        w.addcmul_(s, negc)
-        s.mul_(keep)
+    # On CPU reading a flag costs nothing (no device to wait for): skip the K - 1 of K steps
+    # where no sample closes. Elsewhere the update always runs (no host sync, CUDA graphs).
+    if xq.device.type != "cpu" or bool(closes.any()):
+        negc = -(closes.to(dt) * token_idx[K - 1])
+        keep = (~closes).to(dt)
+        for w, s in zip(state.weights(), state.sums()):
+            w.addcmul_(s, negc)
+            s.mul_(keep)
     state.pos.add_(step)
     return out.to(xq.dtype)
 
