@@ -222,3 +222,16 @@ def test_inplace_streaming_step_respects_exec_mask_at_a_due_reset():
         assert torch.equal(t, getattr(ref_st, n)), n
         assert torch.equal(t[1], getattr(snap, n)[1]), n
     assert st2.pos.tolist() == [1, 4]
+
+
+def test_exec_mask_rewritten_in_place_between_calls_with_full_state_grad():
+    """moshi's ``set_exec_mask`` writes the mask in place; with ``state_grad: full`` the first
+    call's graph is still alive when the second call's loss is backpropagated."""
+    layer = make_layer(state_grad="full")
+    x = torch.randn(2, 8, 16, dtype=D)
+    mask = torch.ones(2, dtype=torch.bool)
+    _, st = layer(x[:, :4], None, exec_mask=mask)
+    mask[:] = torch.tensor([True, False])
+    out, _ = layer(x[:, 4:], st, exec_mask=mask)
+    out.sum().backward()
+    assert layer.wk.weight.grad.abs().max() > 0

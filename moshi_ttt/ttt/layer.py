@@ -208,7 +208,10 @@ class TTTMLP(nn.Module):
                     t += n
                 out = torch.cat(outs, dim=2)
         if exec_mask is not None:
-            state = select_state(exec_mask, state, old)
+            # moshi rewrites its exec mask in place between calls; under autograd the selection
+            # must keep its own copy (with state_grad: full the graph outlives this call).
+            mask = exec_mask.clone() if torch.is_grad_enabled() else exec_mask
+            state = select_state(mask, state, old)
         return self.readout(out), state
 
     # ------------------------------------------------------------------ diagnostics

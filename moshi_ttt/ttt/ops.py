@@ -301,20 +301,35 @@ def _token_readout(xq, xk, x2k, gz1, gz2, eta, W1, b1, W2, b2, G1, g1, G2, g2):
     return torch.baddbmm(b2, x2q, W2).addcmul_(eta, in2, value=-1.0)
 
 
-def _flat_step_inputs(xq, xk, xv, lr, ln_w, state: TTTState, K: int, token_idx: torch.Tensor):
+def _flat_state(state: TTTState, N: int, cache: bool = False) -> tuple[list, list]:
+    """The state's weights and sums as ``[N, ...]`` views (N = B * H). With ``cache`` the views
+    are kept on the state object and reused while it holds the same tensors (streaming updates
+    them in place, so the views stay valid)."""
+    tensors = (state.W1, state.b1, state.W2, state.b2, state.gW1, state.gb1, state.gW2, state.gb2)
+    key = tuple(map(id, tensors))
+    hit = getattr(state, "_flat_views", None) if cache else None
+    if hit is not None and hit[0] == key:
+        views = hit[1]
+    else:
+        views = [t.reshape(N, *t.shape[2:]) for t in tensors]
+        # Only views (never copies) may be reused: the step writes through them.
+        if cache and all(v.data_ptr() == t.data_ptr() for v, t in zip(views, tensors)):
+            state._flat_views = (key, views, tensors)  # the tensors too: ids stay unique while alive
+    return views[:4], views[4:]
+
+
+def _flat_step_inputs(xq, xk, xv, lr, ln_w, state: TTTState, K: int, token_idx: torch.Tensor,
+                      cache: bool = False):
     """[B, H, 1, .] inputs and the state as [N, ...] views; eta, closing flags per sample."""
     B, H, _, d = xq.shape
     N = B * H
-
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(N, *t.shape[2:])
-
     p = state.pos % K                                              # [B]
-    eta = token_idx[p].view(B, 1, 1, 1).expand(B, H, 1, 1).reshape(N, 1, 1)
+    eta = token_idx[p].repeat_interleave(H).view(N, 1, 1)
     closes = (p == K - 1).view(B, 1, 1, 1)
-    lw2 = (ln_w * ln_w).expand(B, H, 1, d).reshape(N, 1, d)
-    return (flat(xq), flat(xk), flat(xv), lr.reshape(N, 1, 1), lw2, eta, closes,
-            [flat(t) for t in state.weights()], [flat(t) for t in state.sums()])
+    lw2 = (ln_w * ln_w).repeat(B, 1, 1)                            # [N, 1, d], sample-major
+    W, G = _flat_state(state, N, cache)
+    return (xq.reshape(N, 1, d), xk.reshape(N, 1, d), xv.reshape(N, 1, d), lr.reshape(N, 1, 1), lw2, eta,
+            closes, W, G)
 
 
 def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: torch.Tensor):
@@ -355,12 +370,16 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
     B, H, _, d = xq.shape
     xq_, xk_, xv_, lr_ = (t.to(dt) for t in (xq, xk, xv, lr))
-    xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx)
+    xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx,
+                                                                   cache=True)
     x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
     z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
     out = xq_ + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
 
-    step = torch.ones((), dtype=torch.long, device=xq.device)
+    step = 1
+    on_cpu = xq.device.type == "cpu"
+    if on_cpu and exec_mask is not None and bool(exec_mask.all()):
+        exec_mask = None  # CPU: reading the mask is free, and all-true is the usual case
     if exec_mask is not None:  # a sample that does not execute adds nothing and does not close
         ex = exec_mask.to(device=xq.device)
         e = ex.to(dt).view(B, 1, 1, 1).expand(B, H, 1, 1).reshape(B * H, 1, 1)
@@ -373,7 +392,7 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     G[3].add_(gz2)
     # On CPU reading a flag costs nothing (no device to wait for): skip the K - 1 of K steps
     # where no sample closes. Elsewhere the update always runs (no host sync, CUDA graphs).
-    if xq.device.type != "cpu" or bool(closes.any()):
+    if not on_cpu or bool(closes.any()):
         negc = -(closes.to(dt) * token_idx[K - 1])
         keep = (~closes).to(dt)
         for w, s in zip(state.weights(), state.sums()):
