@@ -67,13 +67,30 @@ def _gelu_vjp(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
 
 
+_CONSTS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+
+def _consts(like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """0-dim constants of the gelu derivatives in ``like``'s dtype (no per-op conversion):
+    1, c, c a, 3 c a, 6 c a with c = sqrt(2/pi), a = 0.044715."""
+    key = (like.device, like.dtype)
+    t = _CONSTS.get(key)
+    if t is None:
+        c, a = _SQRT_2_OVER_PI, _GELU_C
+        t = _CONSTS[key] = tuple(torch.tensor(v, device=like.device, dtype=like.dtype)
+                                 for v in (1.0, c, c * a, 3 * c * a, 6 * c * a))
+    return t
+
+
 def _gelu_d2(x: torch.Tensor) -> torch.Tensor:
-    """Second derivative of the tanh-approximated gelu:
-    ``(1 - t^2) (u' + x u''/2 - x t u'^2)`` with ``u = c (x + a x^3)``, ``t = tanh(u)``."""
+    """Second derivative of the tanh-approximated gelu. With ``u = c (x + a x^3)``,
+    ``t = tanh(u)``, ``u' = c (1 + 3 a x^2)``: ``(1 - t^2) (c + 6 c a x^2 - x t u'^2)``."""
+    one, c, ca, c3a, c6a = _consts(x)
     x2 = x * x
-    t = torch.tanh(_SQRT_2_OVER_PI * x * (1.0 + _GELU_C * x2))
-    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * x2)
-    return (1.0 - t * t) * (du + x * (3.0 * _SQRT_2_OVER_PI * _GELU_C * x) - x * t * du * du)
+    t = torch.tanh(torch.addcmul(c, x2, ca).mul_(x))
+    du = torch.addcmul(c, x2, c3a)
+    r = (x * t).mul_(du).mul_(du)
+    return torch.addcmul(one, t, t, value=-1.0).mul_(torch.addcmul(c, x2, c6a).sub_(r))
 
 
 def _rowmean(x: torch.Tensor) -> torch.Tensor:
@@ -165,71 +182,74 @@ class _MiniBatch(torch.autograd.Function):
         t = list(ctx.saved_tensors)
         xq, xk, lr, eta, el, lw, W1, W2 = t[:8]
         t = t[8:]
+        G1 = g1 = G2 = g2 = None
         if has_sums:
             G1, g1, G2, g2 = t[:4]
             t = t[4:]
         (z1k, x2k, xh, rstd, q, gh, gz2, h1, gz1, p1, p2, a1, in1, z1q, x2q, a2, in2, mask) = t[:18]
         S = t[18:]
-        dW1o, db1o, dW2o, db2o = dstate[:4]
-        dsums = dstate[4:] if not closes else (None,) * 4
+        bmm, baddbmm = torch.bmm, torch.baddbmm
+        xqT, xkT, x2qT, x2kT = xq.transpose(1, 2), xk.transpose(1, 2), x2q.transpose(1, 2), x2k.transpose(1, 2)
+        W1T, W2T = W1.transpose(1, 2), W2.transpose(1, 2)
 
-        def acc(a, b):
-            return b if a is None else (a if b is None else a + b)
-
-        # ---- outputs that are the state: direct weight gradients and the sums' gradient dS.
-        dW1, db1, dW2, db2 = dW1o, db1o, dW2o, db2o
+        # ---- state outputs: direct weight gradients and the sums' gradient dS
+        dW1, db1, dW2, db2 = dstate[:4]
         d_el = None
         if closes:  # W_end = W - el * S
-            d_el = sum(-(dw * s).sum() for dw, s in zip((dW1o, db1o, dW2o, db2o), S) if dw is not None)
-            dS = tuple(None if dw is None else -el * dw for dw in (dW1o, db1o, dW2o, db2o))
+            terms = [(dw * s).sum() for dw, s in zip(dstate[:4], S) if dw is not None]
+            if terms:
+                d_el = -torch.stack(terms).sum()
+            dS = tuple(None if dw is None else dw * -el for dw in dstate[:4])
         else:
-            dS = dsums
+            dS = dstate[4:]
         dS1, ds1, dS2, ds2 = dS
+        dG1, dg1, dG2, dg2 = dS if has_sums else (None,) * 4
         # S1 = G1 + Xk^T P1, s1 = g1 + 1^T P1, S2 = G2 + X2k^T P2, s2 = g2 + 1^T P2
         dP1 = dXk = dP2 = dX2k = None
         if dS1 is not None:
-            dP1 = torch.bmm(xk, dS1)
-            dXk = torch.bmm(p1, dS1.transpose(1, 2))
-        if ds1 is not None:
-            dP1 = acc(dP1, ds1)
+            dP1 = bmm(xk, dS1) if ds1 is None else baddbmm(ds1, xk, dS1)
+            dXk = bmm(p1, dS1.transpose(1, 2))
+        elif ds1 is not None:
+            dP1 = ds1.expand_as(p1)
         if dS2 is not None:
-            dP2 = torch.bmm(x2k, dS2)
-            dX2k = torch.bmm(p2, dS2.transpose(1, 2))
-        if ds2 is not None:
-            dP2 = acc(dP2, ds2)
+            dP2 = bmm(x2k, dS2) if ds2 is None else baddbmm(ds2, x2k, dS2)
+            dX2k = bmm(p2, dS2.transpose(1, 2))
+        elif ds2 is not None:
+            dP2 = ds2.expand_as(p2)
 
         d_eta = dXq = None
-        dG1 = dg1 = dG2 = dg2 = None
-        if has_sums:
-            dG1, dg1, dG2, dg2 = dS
         if dz2q is not None:
-            # ---- Z2q = X2q W2 + b2 - eta * in2,  in2 = X2q G2 + g2 + A2 P2
+            # ---- Z2q = X2q W2 + b2 - eta * in2,  in2 = X2q G2 + g2 + A2 P2,  A2 = M (X2q X2k^T + 1)
             e2 = eta * dz2q
-            dW2 = acc(dW2, torch.bmm(x2q.transpose(1, 2), dz2q))
-            db2 = acc(db2, _tok_sum(dz2q))
-            d_eta = -(dz2q * in2).sum(-1, keepdim=True)
-            dA2 = torch.bmm(e2, p2.transpose(1, 2)).mul_(mask)            # (-1 folded below)
-            dP2 = acc(dP2, -torch.bmm(a2.transpose(1, 2), e2))
-            dX2q = torch.bmm(dz2q, W2.transpose(1, 2)) - torch.bmm(dA2, x2k)
-            dX2k = acc(dX2k, -torch.bmm(dA2.transpose(1, 2), x2q))
+            dW2 = bmm(x2qT, dz2q) if dW2 is None else baddbmm(dW2, x2qT, dz2q)
+            db2 = _tok_sum(dz2q) if db2 is None else db2 + _tok_sum(dz2q)
+            d_eta = (dz2q * in2).sum(-1, keepdim=True)                   # minus sign applied below
+            dA2 = bmm(e2, p2.transpose(1, 2)).mul_(mask)                 # = -dL/dA2
+            dP2 = bmm(a2.transpose(1, 2), e2).neg_() if dP2 is None else baddbmm(dP2, a2.transpose(1, 2), e2,
+                                                                                 alpha=-1.0)
+            dX2q = baddbmm(bmm(dz2q, W2T), dA2, x2k, alpha=-1.0)
+            dX2k = bmm(dA2.transpose(1, 2), x2q).neg_() if dX2k is None else baddbmm(dX2k, dA2.transpose(1, 2), x2q,
+                                                                                     alpha=-1.0)
             if has_sums:
-                dX2q = dX2q - torch.bmm(e2, G2.transpose(1, 2))
-                dG2 = acc(dG2, -torch.bmm(x2q.transpose(1, 2), e2))
-                dg2 = acc(dg2, -_tok_sum(e2))
-            # ---- Z1q = Xq W1 + b1 - eta * in1,  in1 = Xq G1 + g1 + A1 P1
+                dX2q = baddbmm(dX2q, e2, G2.transpose(1, 2), alpha=-1.0)
+                dG2 = bmm(x2qT, e2).neg_() if dG2 is None else baddbmm(dG2, x2qT, e2, alpha=-1.0)
+                dg2 = -_tok_sum(e2) if dg2 is None else dg2 - _tok_sum(e2)
+            # ---- Z1q = Xq W1 + b1 - eta * in1,  in1 = Xq G1 + g1 + A1 P1,  A1 = M (Xq Xk^T + 1)
             dz1q = _gelu_vjp(dX2q, z1q)
             e1 = eta * dz1q
-            dW1 = acc(dW1, torch.bmm(xq.transpose(1, 2), dz1q))
-            db1 = acc(db1, _tok_sum(dz1q))
-            d_eta = d_eta - (dz1q * in1).sum(-1, keepdim=True)
-            dA1 = torch.bmm(e1, p1.transpose(1, 2)).mul_(mask)
-            dP1 = acc(dP1, -torch.bmm(a1.transpose(1, 2), e1))
-            dXq = torch.bmm(dz1q, W1.transpose(1, 2)) - torch.bmm(dA1, xk)
-            dXk = acc(dXk, -torch.bmm(dA1.transpose(1, 2), xq))
+            dW1 = bmm(xqT, dz1q) if dW1 is None else baddbmm(dW1, xqT, dz1q)
+            db1 = _tok_sum(dz1q) if db1 is None else db1 + _tok_sum(dz1q)
+            d_eta = d_eta.add_((dz1q * in1).sum(-1, keepdim=True)).neg_()
+            dA1 = bmm(e1, p1.transpose(1, 2)).mul_(mask)                 # = -dL/dA1
+            dP1 = bmm(a1.transpose(1, 2), e1).neg_() if dP1 is None else baddbmm(dP1, a1.transpose(1, 2), e1,
+                                                                                 alpha=-1.0)
+            dXq = baddbmm(bmm(dz1q, W1T), dA1, xk, alpha=-1.0)
+            dXk = bmm(dA1.transpose(1, 2), xq).neg_() if dXk is None else baddbmm(dXk, dA1.transpose(1, 2), xq,
+                                                                                 alpha=-1.0)
             if has_sums:
-                dXq = dXq - torch.bmm(e1, G1.transpose(1, 2))
-                dG1 = acc(dG1, -torch.bmm(xq.transpose(1, 2), e1))
-                dg1 = acc(dg1, -_tok_sum(e1))
+                dXq = baddbmm(dXq, e1, G1.transpose(1, 2), alpha=-1.0)
+                dG1 = bmm(xqT, e1).neg_() if dG1 is None else baddbmm(dG1, xqT, e1, alpha=-1.0)
+                dg1 = -_tok_sum(e1) if dg1 is None else dg1 - _tok_sum(e1)
 
         dc0 = dlw = dlr = None
         if dP1 is not None or dP2 is not None:
@@ -238,40 +258,35 @@ class _MiniBatch(torch.autograd.Function):
             if dP2 is None:
                 dP2 = torch.zeros_like(p2)
             # ---- P = lr * Gz
-            dlr = (dP1 * gz1).sum(-1, keepdim=True) + (dP2 * gz2).sum(-1, keepdim=True)
+            dlr = (dP1 * gz1).sum(-1, keepdim=True).add_((dP2 * gz2).sum(-1, keepdim=True))
             dgz1 = dP1 * lr
-            dgz2 = dP2 * lr
             # ---- Gz1 = H1 * gelu'(Z1k), H1 = Gz2 W2^T
             dh1 = _gelu_vjp(dgz1, z1k)
-            dgz2 = torch.baddbmm(dgz2, dh1, W2)
-            dW2 = acc(dW2, torch.bmm(dh1.transpose(1, 2), gz2))
-            dz1k = dgz1 * h1 * _gelu_d2(z1k)
+            dgz2 = baddbmm(dP2 * lr, dh1, W2)
+            dW2 = bmm(dh1.transpose(1, 2), gz2) if dW2 is None else baddbmm(dW2, dh1.transpose(1, 2), gz2)
+            dz1k = (dgz1 * h1).mul_(_gelu_d2(z1k))
             # ---- Gz2 = rstd * (Gh - mean(Gh) - xh mean(Gh xh)), Gh = lw * q, q = lw xh + c0
             v = dgz2 * rstd
-            vm, vx = _rowmean(v), _rowmean(v * xh)
-            dgh = torch.addcmul(v - vm, xh, vx, value=-1.0)
-            dxh = lw * lw * dgh - v * _rowmean(gh * xh) - gh * vx
+            vx = _rowmean(v * xh)
+            dgh = torch.addcmul(v - _rowmean(v), xh, vx, value=-1.0)
             dq = dgh * lw
+            dxh = torch.addcmul(dq * lw, v, _rowmean(gh * xh), value=-1.0).addcmul_(gh, vx, value=-1.0)
             dc0 = dq
-            dlw = _tok_sum(dgh * q + dq * xh)
-            # layer norm of z2k (xh = (z2k - mu) * rstd); the rstd inside Gz2 adds -xh mean(V Gz2)
-            dz2k = (dxh - _rowmean(dxh) - xh * (_rowmean(dxh * xh) + _rowmean(dgz2 * gz2))) * rstd
+            dlw = _tok_sum(torch.addcmul(dgh * q, dq, xh))
+            # layer norm of z2k (xh = (z2k - mu) rstd); the rstd factor of Gz2 adds -xh mean(V Gz2)
+            m2 = _rowmean(dxh * xh).add_(_rowmean(dgz2 * gz2))
+            dz2k = torch.addcmul(dxh - _rowmean(dxh), xh, m2, value=-1.0).mul_(rstd)
             # ---- Z2k = X2k W2 + b2, X2k = gelu(Z1k), Z1k = Xk W1 + b1
-            dX2k = torch.baddbmm(dX2k, dz2k, W2.transpose(1, 2)) if dX2k is not None \
-                else torch.bmm(dz2k, W2.transpose(1, 2))
-            dW2 = acc(dW2, torch.bmm(x2k.transpose(1, 2), dz2k))
-            db2 = acc(db2, _tok_sum(dz2k))
-            dz1k = dz1k + _gelu_vjp(dX2k, z1k)
-            dXk = acc(dXk, torch.bmm(dz1k, W1.transpose(1, 2)))
-            dW1 = acc(dW1, torch.bmm(xk.transpose(1, 2), dz1k))
-            db1 = acc(db1, _tok_sum(dz1k))
+            dX2k = bmm(dz2k, W2T) if dX2k is None else baddbmm(dX2k, dz2k, W2T)
+            dW2 = baddbmm(dW2, x2kT, dz2k)
+            db2 = _tok_sum(dz2k) if db2 is None else db2 + _tok_sum(dz2k)
+            dz1k = dz1k.add_(_gelu_vjp(dX2k, z1k))
+            dXk = bmm(dz1k, W1T) if dXk is None else baddbmm(dXk, dz1k, W1T)
+            dW1 = bmm(xkT, dz1k) if dW1 is None else baddbmm(dW1, xkT, dz1k)
+            db1 = _tok_sum(dz1k) if db1 is None else db1 + _tok_sum(dz1k)
         if d_eta is not None:
             d_eta = d_eta.sum(0, keepdim=True)
-        if d_el is not None and not torch.is_tensor(d_el):
-            d_el = None
-        return (dXq, dXk, dc0, dlr, d_eta, d_el, dlw, dW1, db1, dW2, db2,
-                dG1 if has_sums else None, dg1 if has_sums else None,
-                dG2 if has_sums else None, dg2 if has_sums else None, None)
+        return (dXq, dXk, dc0, dlr, d_eta, d_el, dlw, dW1, db1, dW2, db2, dG1, dg1, dG2, dg2, None)
 
 
 def dual_same_offset(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
