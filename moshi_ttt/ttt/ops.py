@@ -324,9 +324,12 @@ def _flat_step_inputs(xq, xk, xv, lr, ln_w, state: TTTState, K: int, token_idx: 
     B, H, _, d = xq.shape
     N = B * H
     p = state.pos % K                                              # [B]
-    eta = token_idx[p].repeat_interleave(H).view(N, 1, 1)
     closes = (p == K - 1).view(B, 1, 1, 1)
-    lw2 = (ln_w * ln_w).repeat(B, 1, 1)                            # [N, 1, d], sample-major
+    eta, lw2 = token_idx[p], ln_w * ln_w                           # [B], [H, 1, d]
+    if B == 1:  # broadcasts over the heads as it is
+        eta = eta.view(1, 1, 1)
+    else:  # [N, 1, .], sample-major
+        eta, lw2 = eta.view(B, 1).expand(B, H).reshape(N, 1, 1), lw2.repeat(B, 1, 1)
     W, G = _flat_state(state, N, cache)
     return (xq.reshape(N, 1, d), xk.reshape(N, 1, d), xv.reshape(N, 1, d), lr.reshape(N, 1, 1), lw2, eta,
             closes, W, G)
@@ -350,7 +353,6 @@ def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: 
     return out, TTTState(*weights, *(s * keep for s in sums), state.pos + 1)
 
 
-@torch.no_grad()
 def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
                   ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
                   token_idx: torch.Tensor | None = None, exec_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -362,6 +364,10 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     the torch counterpart of the fused streaming kernel, for CPU and for GPUs without it.
     Returns out [B, H, 1, d] (dtype of xq).
     """
+    if torch.is_grad_enabled():  # (a decorator would cost its context switch on every frame)
+        with torch.no_grad():
+            return ttt_mlp_step_(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
+                                 exec_mask)
     K = mini_batch_size
     dt = state.W1.dtype
     if token_idx is None:
