@@ -46,10 +46,13 @@ class ModelBenchConfig:
 
 
 class Timer:
-    """Wall time on CPU, CUDA events on GPU."""
+    """Wall time on CPU, CUDA events on GPU. On CPU the process CPU time of each call is kept
+    too (``cpu_times``): with one thread it does not count time spent waiting for a busy machine,
+    so its ratios hold on a loaded machine where wall times do not."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.cpu_times: list[float] = []
 
     def __call__(self, fn) -> float:
         if self.cuda:
@@ -60,9 +63,11 @@ class Timer:
             b.record()
             torch.cuda.synchronize()
             return a.elapsed_time(b) / 1000.0
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.cpu_times.append(time.process_time() - c0)
+        return t1 - t0
 
 
 def _peak_reset(device):
@@ -96,7 +101,8 @@ def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
     _peak_reset(device)
     times = [timer(step) for _ in range(cfg.train_iters)]
     t = statistics.median(times)
-    return {"fwd_bwd_s": t, "tokens_per_s": cfg.batch * T / t, "peak_gib": _peak_gib(device)}
+    return {"fwd_bwd_s": t, "tokens_per_s": cfg.batch * T / t, "peak_gib": _peak_gib(device),
+            "fwd_bwd_cpu_s": statistics.median(timer.cpu_times) if timer.cpu_times else None}
 
 
 def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
@@ -111,7 +117,9 @@ def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
         for _ in range(max(cfg.warmup, 4)):  # the first steps capture CUDA graphs
             gen.step(user)
         times = [timer(lambda: gen.step(user)) for _ in range(cfg.gen_steps)]
-    return {"step_ms": 1000 * statistics.median(times), "step_ms_p90": 1000 * sorted(times)[int(0.9 * len(times))]}
+    cpu = timer.cpu_times[-len(times):]
+    return {"step_ms": 1000 * statistics.median(times), "step_ms_p90": 1000 * sorted(times)[int(0.9 * len(times))],
+            "step_cpu_ms": 1000 * statistics.median(cpu) if cpu else None}
 
 
 def run(cfg: ModelBenchConfig) -> dict[str, Any]:
@@ -124,7 +132,8 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
     arms = {"stock": TTTConfig(layers="none"),
             "ttt": TTTConfig(layers=cfg.ttt_layers, mini_batch_size=cfg.mini_batch_size)}
     results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
-                               "seq_len": T, "config": asdict(cfg), "arms": {}}
+                               "seq_len": T, "config": asdict(cfg), "arms": {},
+                               "load_average": _load_average()}
     for arm, tcfg in arms.items():
         torch.manual_seed(0)
         model = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
@@ -139,7 +148,18 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results["ratios"] = _ratios(results["arms"])
+    results["load_average_end"] = _load_average()
     return results
+
+
+def _load_average() -> list[float] | None:
+    """1, 5, 15-minute load averages (figures from a busy machine are not comparable)."""
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _ratios(arms: dict[str, Any]) -> dict[str, float]:
@@ -147,10 +167,14 @@ def _ratios(arms: dict[str, Any]) -> dict[str, float]:
     out = {}
     if "train" in s:
         out["train_fwd_bwd_time"] = t["train"]["fwd_bwd_s"] / s["train"]["fwd_bwd_s"]
+        if s["train"].get("fwd_bwd_cpu_s"):
+            out["train_fwd_bwd_cpu_time"] = t["train"]["fwd_bwd_cpu_s"] / s["train"]["fwd_bwd_cpu_s"]
         if s["train"]["peak_gib"]:
             out["train_peak_memory"] = t["train"]["peak_gib"] / s["train"]["peak_gib"]
     for B in s.get("gen", {}):
         out[f"lmgen_step_B{B}"] = t["gen"][B]["step_ms"] / s["gen"][B]["step_ms"]
+        if s["gen"][B].get("step_cpu_ms"):
+            out[f"lmgen_step_B{B}_cpu"] = t["gen"][B]["step_cpu_ms"] / s["gen"][B]["step_cpu_ms"]
     return out
 
 
@@ -169,12 +193,20 @@ def format_table(res: dict[str, Any]) -> str:
     row("parameters (M)", s["params_m"], t["params_m"])
     if "train" in s:
         row("train fwd+bwd (s)", s["train"]["fwd_bwd_s"], t["train"]["fwd_bwd_s"])
+        if s["train"].get("fwd_bwd_cpu_s"):
+            row("train fwd+bwd, CPU time (s)", s["train"]["fwd_bwd_cpu_s"], t["train"]["fwd_bwd_cpu_s"])
         row("train tokens/s", s["train"]["tokens_per_s"], t["train"]["tokens_per_s"])
         row("train peak memory (GiB)", s["train"]["peak_gib"], t["train"]["peak_gib"])
     for B in s.get("gen", {}):
         row(f"LMGen.step B={B} (ms, median)", s["gen"][B]["step_ms"], t["gen"][B]["step_ms"])
+        if s["gen"][B].get("step_cpu_ms"):
+            row(f"LMGen.step B={B}, CPU time (ms)", s["gen"][B]["step_cpu_ms"], t["gen"][B]["step_cpu_ms"])
     if res["device"].startswith("CPU"):
         rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
+        load = res.get("load_average"), res.get("load_average_end")
+        if load[0]:
+            rows.append(f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}; on a busy machine "
+                        "compare the CPU-time rows, measured with one thread (OMP_NUM_THREADS=1)")
     return "\n".join(rows)
 
 
