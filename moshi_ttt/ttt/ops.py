@@ -16,11 +16,15 @@ followed by ``w * . + b`` and ``f_W(x) = gelu_tanh(x W1 + b1) W2 + b2``:
   ``W_i = W0 - token_idx[i] * sum_{j <= i} lr_j grad l_j(W0)`` and outputs
   ``out_i = xq_i + LN(f_{W_i}(xq_i))``; at the end of a full mini-batch the state becomes ``W_{K-1}``.
 
-Two implementations, which agree:
-* the dual (matrix) form, one inner mini-batch at a time, for sequences (training, prefill);
-* the per-token form, for streaming (one frame at a time, per-sample mini-batch offsets).
-Both are plain differentiable torch code: outer gradients reach every input and the state.
-The oracle they are tested against is ``moshi_ttt.ttt.reference`` (float64, autograd inner loop).
+Implementations, which agree:
+* the dual (matrix) form for sequences (training, prefill): one autograd node per inner
+  mini-batch with an analytic backward (``dual.py``; ``impl="dual_autograd"`` is the same form
+  differentiated op by op, kept as a cross-check);
+* the per-token form, for streaming (one frame at a time, per-sample mini-batch offsets), and its
+  no-grad in-place twin ``ttt_mlp_step_`` (the state is updated where it lies, no host sync: the
+  torch counterpart of the fused streaming kernel; bit-identical to the per-token form).
+Outer gradients reach every input and the state. The oracle they are tested against is
+``moshi_ttt.ttt.reference`` (float64, autograd inner loop).
 """
 
 from __future__ import annotations
