@@ -322,3 +322,16 @@ def test_exec_mask_written_in_place_after_forward_keeps_backward_valid():
     mask[:] = torch.tensor([True, True])
     (out.pow(2).sum() + st.W1.sum()).backward()
     assert layer.W1.grad is not None and layer.W1.grad.abs().max() > 0
+
+
+def test_exec_mask_rewritten_in_place_between_calls_with_full_state_grad():
+    """moshi's ``set_exec_mask`` writes the mask in place; with ``state_grad: full`` the first
+    call's graph is still alive when the second call's loss is backpropagated."""
+    layer = make_layer(state_grad="full")
+    x = torch.randn(2, 8, 16, dtype=D)
+    mask = torch.ones(2, dtype=torch.bool)
+    _, st = layer(x[:, :4], None, exec_mask=mask)
+    mask[:] = torch.tensor([True, False])
+    out, _ = layer(x[:, 4:], st, exec_mask=mask)
+    out.sum().backward()
+    assert layer.wk.weight.grad.abs().max() > 0

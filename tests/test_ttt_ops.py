@@ -165,3 +165,147 @@ def test_shape_errors_are_clear():
         ttt_mlp(**{**inputs, "lr": inputs["lr"][:, :, :3]}, state=st, mini_batch_size=4)
     with pytest.raises(ValueError, match="token_idx"):
         ttt_mlp(**inputs, state=st, mini_batch_size=4, token_idx=torch.ones(3, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- analytic backward
+def _grads_from_carried_state(fn, K, offsets, T, seed=5):
+    """Gradients of outputs and every output-state field with respect to every input, including
+    a carried state that sits inside its mini-batch (non-zero running sums, per-sample offsets)
+    and has a graph of its own (its weights and sums are leaves here)."""
+    inputs, base = random_op_inputs(B=len(offsets), T=T, d=3, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    st0 = init_state(*base, batch_size=len(offsets))
+    leaves = {}
+    fields = {}
+    for name, t in st0.items():
+        if name == "pos":
+            fields[name] = torch.tensor(offsets)
+            continue
+        v = (t + 0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype)).requires_grad_(True)
+        leaves["state." + name] = fields[name] = v
+    state = TTTState(**fields)
+    for k, v in inputs.items():
+        leaves[k] = v.requires_grad_(True)
+    tok = (1.0 / torch.arange(1, K + 1, dtype=torch.float64) + 0.1).requires_grad_(True)
+    leaves["token_idx"] = tok
+    out, new = fn(**inputs, state=state, mini_batch_size=K, token_idx=tok)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    loss = (out * w).sum()
+    for i, (name, t) in enumerate(new.items()):
+        if name != "pos":
+            loss = loss + (t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() * (1 + i)
+    return list(leaves), torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+
+
+@pytest.mark.parametrize("K,offsets,T", [(4, [1, 1], 7), (4, [0, 3, 2], 6), (3, [2, 0], 2), (1, [0, 0], 3),
+                                         (4, [0, 0], 8)])
+def test_dual_gradients_from_a_carried_state_match_reference(K, offsets, T):
+    names, g_ref = _grads_from_carried_state(ttt_mlp_reference, K, offsets, T)
+    for impl in ("dual", "dual_autograd"):
+        _, g = _grads_from_carried_state(lambda impl=impl, **kw: ttt_mlp(**kw, impl=impl), K, offsets, T)
+        for name, a, b in zip(names, g, g_ref):
+            assert b is not None and b.abs().max() > 0, name
+            assert a is not None and (a - b).abs().max() < 1e-9, (impl, name, (a - b).abs().max())
+
+
+def test_dual_gradients_are_chunk_invariant():
+    """One call over T tokens and the same tokens split into calls (boundaries inside mini-batches)
+    give the same gradients for every input: the analytic backward chains through the state."""
+    K = 4
+    inputs, base = random_op_inputs(B=2, T=13, d=4, seed=7)
+    leaves = {**inputs, **dict(zip(("W1", "b1", "W2", "b2"), base))}
+    for v in leaves.values():
+        v.requires_grad_(True)
+    w = torch.randn(2, 2, 13, 4, dtype=torch.float64)
+
+    def grads(sizes):
+        st = init_state(leaves["W1"], leaves["b1"], leaves["W2"], leaves["b2"], 2)
+        outs, s = [], 0
+        for n in sizes:
+            piece = {k: v[:, :, s:s + n] if k in ("xq", "xk", "xv", "lr") else v for k, v in inputs.items()}
+            o, st = ttt_mlp(**piece, state=st, mini_batch_size=K, impl="dual")
+            outs.append(o)
+            s += n
+        loss = (torch.cat(outs, 2) * w).sum() + st.W2.pow(2).sum() + st.gW1.sum()
+        return torch.autograd.grad(loss, list(leaves.values()))
+
+    for a, b in zip(grads([13]), grads([2, 5, 1, 5])):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_dual_no_grad_equals_grad_forward():
+    """Under no_grad the dual form skips the autograd nodes; the values are the same."""
+    inputs, base = random_op_inputs(B=2, T=10)
+    st = init_state(*base, batch_size=2)
+    out, new = ttt_mlp(**inputs, state=st, mini_batch_size=4, impl="dual")
+    with torch.no_grad():
+        out2, new2 = ttt_mlp(**inputs, state=st, mini_batch_size=4, impl="dual")
+    assert torch.equal(out, out2) and max_state_diff(new, new2) == 0
+
+
+@pytest.mark.parametrize("has_sums,closes", [(False, True), (True, True), (True, False), (False, False)])
+def test_dual_mini_batch_node_gradcheck(has_sums, closes):
+    """torch.autograd.gradcheck of one mini-batch node against finite differences."""
+    from moshi_ttt.ttt.dual import _MiniBatch
+
+    g = torch.Generator().manual_seed(11)
+    N, n, d, F = 3, 3, 2, 8
+
+    def r(*s, scale=1.0):
+        return (scale * torch.randn(*s, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+    args = [r(N, n, d), r(N, n, d), r(N, n, d), torch.rand(N, n, 1, generator=g, dtype=torch.float64)
+            .requires_grad_(True), r(1, n, 1, scale=0.5), r((), scale=0.5), r(N, 1, d),
+            r(N, d, F, scale=0.5), r(N, 1, F, scale=0.2), r(N, F, d, scale=0.5), r(N, 1, d, scale=0.2)]
+    sums = [r(N, d, F, scale=0.1), r(N, 1, F, scale=0.1), r(N, F, d, scale=0.1), r(N, 1, d, scale=0.1)]
+
+    def f(*a):
+        s = a[11:] if has_sums else (None,) * 4
+        return _MiniBatch.apply(*a[:11], *s, closes)
+
+    assert torch.autograd.gradcheck(f, (*args, *(sums if has_sums else ())), eps=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- in-place streaming step
+def test_inplace_step_equals_token_form_bit_for_bit():
+    """``ttt_mlp_step_`` over a sequence (per-sample offsets, some samples not executing) gives
+    the token form's outputs and states exactly, in the same tensors (stable addresses)."""
+    from moshi_ttt.ttt.ops import ttt_mlp_step_
+    from moshi_ttt.ttt.state import select_state
+
+    K, T = 4, 9
+    inputs, base = random_op_inputs(B=3, T=T, seed=9)
+    tok = 1.0 / torch.arange(1, K + 1, dtype=torch.float64) + 0.05
+    st = init_state(*base, batch_size=3)
+    st.pos.copy_(torch.tensor([0, 2, 3]))
+    ref = st.clone()
+    ptrs = [t.data_ptr() for _, t in st.items()]
+    g = torch.Generator().manual_seed(2)
+    for t in range(T):
+        one = {k: v[:, :, t:t + 1] if k in ("xq", "xk", "xv", "lr") else v for k, v in inputs.items()}
+        ex = torch.rand(3, generator=g) > 0.3
+        o_ref, new = ttt_mlp(**one, state=ref, mini_batch_size=K, token_idx=tok, impl="token")
+        ref = select_state(ex, new, ref)
+        o = ttt_mlp_step_(**one, state=st, mini_batch_size=K, token_idx=tok, exec_mask=ex)
+        assert torch.equal(o, o_ref)
+        assert all(torch.equal(a, getattr(ref, n)) for n, a in st.items())
+    assert [t.data_ptr() for _, t in st.items()] == ptrs
+    out_ref, st_ref = ttt_mlp_reference(**{k: v[:, :, :1] if k in ("xq", "xk", "xv", "lr") else v
+                                           for k, v in inputs.items()},
+                                        state=init_state(*base, batch_size=3), mini_batch_size=K, token_idx=tok)
+    st1 = init_state(*base, batch_size=3)
+    o1 = ttt_mlp_step_(**{k: v[:, :, :1] if k in ("xq", "xk", "xv", "lr") else v for k, v in inputs.items()},
+                       state=st1, mini_batch_size=K, token_idx=tok)
+    assert (o1 - out_ref).abs().max() < 1e-9 and max_state_diff(st1, st_ref) < 1e-9
+
+
+def test_reset_state_inplace_resets_only_selected_samples():
+    from moshi_ttt.ttt.state import reset_state_
+
+    inputs, base = random_op_inputs(B=3, T=6)
+    _, st = ttt_mlp(**inputs, state=init_state(*base, batch_size=3), mini_batch_size=4)
+    snap, fresh = st.clone(), init_state(*base, batch_size=3)
+    reset_state_(st, base, torch.tensor([False, True, False]))
+    for n, t in st.items():
+        assert torch.equal(t[1], getattr(fresh, n)[1]), n
+        assert torch.equal(t[0], getattr(snap, n)[0]) and torch.equal(t[2], getattr(snap, n)[2]), n

@@ -65,10 +65,13 @@ PRESET_LM = {"7b": moshi_7b_lm_kwargs, "mid": mid_lm_kwargs, "tiny": tiny_lm_kwa
 
 
 class Timer:
-    """Wall time on CPU, CUDA events on GPU."""
+    """Wall time on CPU, CUDA events on GPU. On CPU the process CPU time of each call is kept
+    too (``cpu_times``): with one thread it does not count time spent waiting for a busy machine,
+    so its ratios hold on a loaded machine where wall times do not."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.cpu_times: list[float] = []
 
     def __call__(self, fn) -> float:
         if self.cuda:
@@ -79,9 +82,11 @@ class Timer:
             b.record()
             torch.cuda.synchronize()
             return a.elapsed_time(b) / 1000.0
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.cpu_times.append(time.process_time() - c0)
+        return t1 - t0
 
 
 def _peak_reset(device):
@@ -126,7 +131,8 @@ def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
     _peak_reset(device)
     times = [timer(step) for _ in range(cfg.train_iters)]
     t = statistics.median(times)
-    return {"fwd_bwd_s": t, "tokens_per_s": cfg.batch * T / t, "peak_gib": _peak_gib(device)}
+    return {"fwd_bwd_s": t, "tokens_per_s": cfg.batch * T / t, "peak_gib": _peak_gib(device),
+            "fwd_bwd_cpu_s": statistics.median(timer.cpu_times) if timer.cpu_times else None}
 
 
 def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
@@ -141,7 +147,9 @@ def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
         for _ in range(max(cfg.warmup, 4)):  # the first steps capture CUDA graphs
             gen.step(user)
         times = [timer(lambda: gen.step(user)) for _ in range(cfg.gen_steps)]
-    return {"step_ms": 1000 * statistics.median(times), "step_ms_p90": 1000 * sorted(times)[int(0.9 * len(times))]}
+    cpu = timer.cpu_times[-len(times):]
+    return {"step_ms": 1000 * statistics.median(times), "step_ms_p90": 1000 * sorted(times)[int(0.9 * len(times))],
+            "step_cpu_ms": 1000 * statistics.median(cpu) if cpu else None}
 
 
 def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, device) -> dict[str, dict[str, Any]]:
@@ -211,7 +219,8 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         print(warn, file=sys.stderr)
     results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
                                "seq_len": T, "config": asdict(cfg), "ttt": arms["ttt"].to_dict(), "arms": {},
-                               "machine": machine_state(), "load_warning": warn}
+                               "machine": machine_state(), "load_warning": warn,
+                               "load_average": _load_average()}
     interleave = cfg.interleave if cfg.interleave is not None else device.type == "cpu"
     results["interleaved"] = interleave
     if interleave:
@@ -241,7 +250,18 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results["ratios"] = _ratios(results["arms"])
+    results["load_average_end"] = _load_average()
     return results
+
+
+def _load_average() -> list[float] | None:
+    """1, 5, 15-minute load averages (figures from a busy machine are not comparable)."""
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _ratios(arms: dict[str, Any]) -> dict[str, float]:
@@ -249,10 +269,14 @@ def _ratios(arms: dict[str, Any]) -> dict[str, float]:
     out = {}
     if "train" in s:
         out["train_fwd_bwd_time"] = t["train"]["fwd_bwd_s"] / s["train"]["fwd_bwd_s"]
+        if s["train"].get("fwd_bwd_cpu_s"):
+            out["train_fwd_bwd_cpu_time"] = t["train"]["fwd_bwd_cpu_s"] / s["train"]["fwd_bwd_cpu_s"]
         if s["train"]["peak_gib"]:
             out["train_peak_memory"] = t["train"]["peak_gib"] / s["train"]["peak_gib"]
     for B in s.get("gen", {}):
         out[f"lmgen_step_B{B}"] = t["gen"][B]["step_ms"] / s["gen"][B]["step_ms"]
+        if s["gen"][B].get("step_cpu_ms"):
+            out[f"lmgen_step_B{B}_cpu"] = t["gen"][B]["step_cpu_ms"] / s["gen"][B]["step_cpu_ms"]
     return out
 
 
@@ -278,6 +302,8 @@ def format_table(res: dict[str, Any]) -> str:
         row("train fwd+bwd (s)", s["train"]["fwd_bwd_s"], t["train"]["fwd_bwd_s"])
         if "fwd_bwd_min_s" in s["train"]:
             row("train fwd+bwd (s, fastest)", s["train"]["fwd_bwd_min_s"], t["train"]["fwd_bwd_min_s"])
+        if s["train"].get("fwd_bwd_cpu_s"):
+            row("train fwd+bwd, CPU time (s)", s["train"]["fwd_bwd_cpu_s"], t["train"]["fwd_bwd_cpu_s"])
         row("train tokens/s", s["train"]["tokens_per_s"], t["train"]["tokens_per_s"])
         row("train peak memory (GiB)", s["train"]["peak_gib"], t["train"]["peak_gib"])
     for B in s.get("gen", {}):
@@ -290,6 +316,13 @@ def format_table(res: dict[str, Any]) -> str:
         rows.append("(arms measured in alternation, step by step: a changing machine load weighs on both alike)")
     if res.get("load_warning"):
         rows.append(res["load_warning"])
+        if s["gen"][B].get("step_cpu_ms"):
+            row(f"LMGen.step B={B}, CPU time (ms)", s["gen"][B]["step_cpu_ms"], t["gen"][B]["step_cpu_ms"])
+    if res["device"].startswith("CPU"):
+        load = res.get("load_average"), res.get("load_average_end")
+        if load[0]:
+            rows.append(f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}; on a busy machine "
+                        "compare the CPU-time rows, measured with one thread (OMP_NUM_THREADS=1)")
     return "\n".join(rows)
 
 

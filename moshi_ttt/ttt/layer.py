@@ -14,8 +14,8 @@ from torch import nn
 
 from .config import TTTConfig
 from .kernels.dispatch import try_step_
-from .ops import default_token_idx, ttt_mlp
-from .state import TTTState, carry_state, init_state, reset_state, select_state
+from .ops import default_token_idx, ttt_mlp, ttt_mlp_step_
+from .state import TTTState, carry_state, init_state, reset_state, reset_state_, select_state
 
 
 class TTTMLP(nn.Module):
@@ -221,18 +221,19 @@ class TTTMLP(nn.Module):
         ln_w, ln_b, tok = self.ttt_norm_weight, self.ttt_norm_bias, self.token_idx()
         K = self.config.mini_batch_size
         if inplace and T == 1 and impl == "auto" and not torch.is_grad_enabled():
+            # Streaming (LMGen): update the caller's state in place, no host sync, no new state.
             if not self.config.persistent_states:
-                fresh = (fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)).core()
                 due = state.pos >= self.config.chunk_frames
                 if exec_mask is not None:  # a sample that does not execute keeps its state exactly
                     due = due & exec_mask.to(due.device)
-                state.copy_(reset_state(state, fresh, due))
+                reset_state_(state, self.base_weights(), due)
             out = try_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
-            if out is not None:  # state updated in place, exec_mask honoured by the kernel
-                if new_tail is not None:
-                    keep = exec_mask.view(-1, 1, 1).to(new_tail.device) if exec_mask is not None else None
-                    old.conv.copy_(new_tail if keep is None else torch.where(keep, new_tail, old.conv))
-                return self.readout(out), old
+            if out is None:  # no fused kernel here (CPU, or kernels off): the same step in torch
+                out = ttt_mlp_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
+            if new_tail is not None:  # the convolution's tail, in place too (exec mask honoured)
+                keep = exec_mask.view(-1, 1, 1).to(new_tail.device) if exec_mask is not None else None
+                old.conv.copy_(new_tail if keep is None else torch.where(keep, new_tail, old.conv))
+            return self.readout(out), old
 
         if self.config.persistent_states:
             out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
@@ -242,7 +243,10 @@ class TTTMLP(nn.Module):
             P = self.config.chunk_frames
             fresh = (fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)).core()
             if T == 1:  # streaming: no host sync (CUDA graphs)
-                state = reset_state(state, fresh, state.pos >= P)
+                due = state.pos >= P
+                if exec_mask is not None:  # as the in-place step: a non-executing sample is untouched
+                    due = due & exec_mask.to(due.device)
+                state = reset_state(state, fresh, due)
                 out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
             else:
                 outs, t = [], 0
@@ -258,7 +262,10 @@ class TTTMLP(nn.Module):
         if new_tail is not None:
             state = dataclasses.replace(state, conv=new_tail)
         if exec_mask is not None:
-            state = select_state(exec_mask, state, old)
+            # moshi rewrites its exec mask in place between calls; under autograd the selection
+            # must keep its own copy (with state_grad: full the graph outlives this call).
+            mask = exec_mask.clone() if torch.is_grad_enabled() else exec_mask
+            state = select_state(mask, state, old)
         return self.readout(out), state
 
     # ------------------------------------------------------------------ diagnostics

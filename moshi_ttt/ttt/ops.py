@@ -16,11 +16,15 @@ followed by ``w * . + b`` and ``f_W(x) = gelu_tanh(x W1 + b1) W2 + b2``:
   ``W_i = W0 - token_idx[i] * sum_{j <= i} lr_j grad l_j(W0)`` and outputs
   ``out_i = xq_i + LN(f_{W_i}(xq_i))``; at the end of a full mini-batch the state becomes ``W_{K-1}``.
 
-Two implementations, which agree:
-* the dual (matrix) form, one inner mini-batch at a time, for sequences (training, prefill);
-* the per-token form, for streaming (one frame at a time, per-sample mini-batch offsets).
-Both are plain differentiable torch code: outer gradients reach every input and the state.
-The oracle they are tested against is ``moshi_ttt.ttt.reference`` (float64, autograd inner loop).
+Implementations, which agree:
+* the dual (matrix) form for sequences (training, prefill): one autograd node per inner
+  mini-batch with an analytic backward (``dual.py``; ``impl="dual_autograd"`` is the same form
+  differentiated op by op, kept as a cross-check);
+* the per-token form, for streaming (one frame at a time, per-sample mini-batch offsets), and its
+  no-grad in-place twin ``ttt_mlp_step_`` (the state is updated where it lies, no host sync: the
+  torch counterpart of the fused streaming kernel; bit-identical to the per-token form).
+Outer gradients reach every input and the state. The oracle they are tested against is
+``moshi_ttt.ttt.reference`` (float64, autograd inner loop).
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .dual import _one, dual_same_offset
 from .kernels.dispatch import try_kernel
 from .state import TTTState, init_state
 
-__all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_token", "default_token_idx", "LN_EPS"]
+__all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_dual_autograd", "ttt_mlp_token", "ttt_mlp_step_",
+           "default_token_idx",
+           "LN_EPS"]
 
 LN_EPS = 1e-6
 # Exact constant: the rounded 0.79788456 of the reference repos drifts float64 checks by 1e-9.
@@ -73,9 +80,18 @@ def ln_l2_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias
     return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / std
 
 
+_TOKEN_IDX: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def default_token_idx(mini_batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``1 / (i + 1)`` for i in [0, K): token i of a mini-batch averages the gradients so far."""
-    return 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=dtype)
+    """``1 / (i + 1)`` for i in [0, K): token i of a mini-batch averages the gradients so far.
+
+    A constant, cached per (K, device, dtype): treat the result as read-only."""
+    key = (mini_batch_size, torch.device(device or "cpu"), dtype)
+    t = _TOKEN_IDX.get(key)
+    if t is None:
+        t = _TOKEN_IDX[key] = 1.0 / torch.arange(1, mini_batch_size + 1, device=device, dtype=dtype)
+    return t
 
 
 def _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, K: int, token_idx) -> None:
@@ -192,9 +208,8 @@ def _by_offset(fn, xq, xk, xv, lr, state: TTTState, K: int, **kw) -> tuple[torch
     return out, new
 
 
-def ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
-                 token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
-    """Dual (matrix) form; same contract as ``ttt_mlp``."""
+def _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+               token_idx: torch.Tensor | None, same_offset) -> tuple[torch.Tensor, TTTState]:
     K = mini_batch_size
     _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
     dt = state.W1.dtype
@@ -202,11 +217,27 @@ def ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch
         token_idx = default_token_idx(K, device=xq.device, dtype=dt)
     ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
     out, new = _by_offset(
-        lambda q, k, v, r, state, offset: _dual_same_offset(q, k, v, r, ln_w, ln_b, state, K,
-                                                            token_idx.to(dt), offset),
+        lambda q, k, v, r, state, offset: same_offset(q, k, v, r, ln_w, ln_b, state, K,
+                                                      token_idx.to(dt), offset),
         xq.to(dt), xk.to(dt), xv.to(dt), lr.to(dt), state, K,
     )
     return out.to(xq.dtype), new
+
+
+def ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+                 token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
+    """Dual (matrix) form with one autograd node per inner mini-batch and an analytic backward
+    (``dual.py``); same contract as ``ttt_mlp``."""
+    return _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
+                      dual_same_offset)
+
+
+def ttt_mlp_dual_autograd(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_size: int,
+                          token_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, TTTState]:
+    """The dual form written op by op and differentiated by autograd (slow at small shapes: kept
+    as an independent cross-check of ``ttt_mlp_dual``'s analytic backward); same contract."""
+    return _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
+                      _dual_same_offset)
 
 
 # ----------------------------------------------------------------------------- per-token form
@@ -236,45 +267,157 @@ def ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batc
     return out.to(xq.dtype), state
 
 
-def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: torch.Tensor):
-    """One token: xq, xk, xv [B, H, 1, d], lr [B, H, 1]."""
-    W1, b1, W2, b2 = state.weights()
-    p = state.pos % K                                             # [B]
-    eta = token_idx[p].view(-1, 1, 1, 1)                          # [B, 1, 1, 1]
-    closes = (p == K - 1).view(-1, 1, 1, 1)
+def _token_grads(xk, xv, lr, lw2, W1, b1, W2, b2):
+    """Inner gradient of one token per row at the mini-batch-start weights, lr folded in.
 
-    z1k = xk @ W1 + b1
+    xk, xv [N, 1, d]; lr [N, 1, 1]; lw2 = ln_weight^2 [N, 1, d]; W* [N, ...] (N = B * H).
+    Returns x2k [N, 1, F] and lr * dl/dz1 [N, 1, F], lr * dl/dz2 [N, 1, d].
+    ``LN(z) - LN(xv - xk)`` with a shared affine is ``w * (xhat - xhat_target)``: the bias cancels.
+    """
+    z1k = torch.baddbmm(b1, xk, W1)
     x2k = gelu_tanh(z1k)
-    z2k = x2k @ W2 + b2
-    target = layer_norm(xv - xk, ln_w, ln_b)
-    gz2 = ln_l2_grad(z2k, target, ln_w, ln_b) * lr.unsqueeze(-1)
-    gz1 = ((gz2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1k))   # lr already folded into gz2
-    gW1 = state.gW1 + xk.transpose(-1, -2) @ gz1
-    gb1 = state.gb1 + gz1
-    gW2 = state.gW2 + x2k.transpose(-1, -2) @ gz2
-    gb2 = state.gb2 + gz2
+    z2k = torch.baddbmm(b2, x2k, W2)
+    shape = z2k.shape[-1:]
+    xh, mu, rstd = torch.native_layer_norm(z2k, shape, None, None, LN_EPS)
+    gh = (xh - F.layer_norm(xv - xk, shape, eps=LN_EPS)) * lw2
+    # d/dz of 0.5 ||LN(z) - target||^2 is layer norm's own backward applied to gh.
+    gz2 = torch.ops.aten.native_layer_norm_backward(gh, z2k, shape, mu, rstd, None, None,
+                                                    [True, False, False])[0] * lr
+    gz1 = torch.ops.aten.gelu_backward(torch.bmm(gz2, W2.transpose(1, 2)), z1k, approximate="tanh")
+    return x2k, gz1, gz2
 
-    W1t, b1t = W1 - eta * gW1, b1 - eta * gb1
-    W2t, b2t = W2 - eta * gW2, b2 - eta * gb2
-    z2q = gelu_tanh(xq @ W1t + b1t) @ W2t + b2t
-    out = xq + layer_norm(z2q, ln_w, ln_b)
 
-    def keep_or(new_w, old_w):
-        return torch.where(closes, new_w, old_w)
+def ln_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``layer_norm`` through aten's fused op: x [..., n, d]; weight, bias [H, 1, d]."""
+    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=LN_EPS), weight)
 
-    def zero_or(s):
-        return torch.where(closes, torch.zeros_like(s), s)
 
-    new = TTTState(keep_or(W1t, W1), keep_or(b1t, b1), keep_or(W2t, W2), keep_or(b2t, b2),
-                   zero_or(gW1), zero_or(gb1), zero_or(gW2), zero_or(gb2), state.pos + 1)
-    return out, new
+def _token_readout(xq, xk, x2k, gz1, gz2, eta, W1, b1, W2, b2, G1, g1, G2, g2):
+    """Pre-norm output of one token with ``W_t = W0 - eta * (G + own gradient)``, never forming
+    W_t: ``x W_t = x W0 - eta (x G + (x . x_k + 1) * own gradient)``. Shapes as ``_token_grads``;
+    eta [N, 1, 1]. Returns z2q [N, 1, d]."""
+    one = _one(xq)
+    a1 = torch.baddbmm(one, xq, xk.transpose(1, 2))
+    in1 = torch.baddbmm(g1, xq, G1).addcmul_(a1, gz1)
+    x2q = gelu_tanh(torch.baddbmm(b1, xq, W1).addcmul_(eta, in1, value=-1.0))
+    a2 = torch.baddbmm(one, x2q, x2k.transpose(1, 2))
+    in2 = torch.baddbmm(g2, x2q, G2).addcmul_(a2, gz2)
+    return torch.baddbmm(b2, x2q, W2).addcmul_(eta, in2, value=-1.0)
+
+
+def _flat_state(state: TTTState, N: int, cache: bool = False) -> tuple[list, list]:
+    """The state's weights and sums as ``[N, ...]`` views (N = B * H). With ``cache`` the views
+    are kept on the state object and reused while it holds the same tensors (streaming updates
+    them in place, so the views stay valid)."""
+    tensors = (state.W1, state.b1, state.W2, state.b2, state.gW1, state.gb1, state.gW2, state.gb2)
+    key = tuple(map(id, tensors))
+    hit = getattr(state, "_flat_views", None) if cache else None
+    if hit is not None and hit[0] == key:
+        views = hit[1]
+    else:
+        views = [t.reshape(N, *t.shape[2:]) for t in tensors]
+        # Only views (never copies) may be reused: the step writes through them.
+        if cache and all(v.data_ptr() == t.data_ptr() for v, t in zip(views, tensors)):
+            state._flat_views = (key, views, tensors)  # the tensors too: ids stay unique while alive
+    return views[:4], views[4:]
+
+
+def _flat_step_inputs(xq, xk, xv, lr, ln_w, state: TTTState, K: int, token_idx: torch.Tensor,
+                      cache: bool = False):
+    """[B, H, 1, .] inputs and the state as [N, ...] views; eta, closing flags per sample."""
+    B, H, _, d = xq.shape
+    N = B * H
+    p = state.pos % K                                              # [B]
+    closes = (p == K - 1).view(B, 1, 1, 1)
+    eta, lw2 = token_idx[p], ln_w * ln_w                           # [B], [H, 1, d]
+    if B == 1:  # broadcasts over the heads as it is
+        eta = eta.view(1, 1, 1)
+    else:  # [N, 1, .], sample-major
+        eta, lw2 = eta.view(B, 1).expand(B, H).reshape(N, 1, 1), lw2.repeat(B, 1, 1)
+    W, G = _flat_state(state, N, cache)
+    return (xq.reshape(N, 1, d), xk.reshape(N, 1, d), xv.reshape(N, 1, d), lr.reshape(N, 1, 1), lw2, eta,
+            closes, W, G)
+
+
+def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: torch.Tensor):
+    """One token, functional (autograd): xq, xk, xv [B, H, 1, d], lr [B, H, 1]; ln_w, ln_b [H, 1, d]."""
+    B, H, _, d = xq.shape
+    xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq, xk, xv, lr, ln_w, state, K, token_idx)
+    x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
+    z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
+    out = xq + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
+
+    sums = (torch.baddbmm(G[0], xk3.transpose(1, 2), gz1), G[1] + gz1,
+            torch.baddbmm(G[2], x2k.transpose(1, 2), gz2), G[3] + gz2)
+    sums = [s.view(B, H, *s.shape[1:]) for s in sums]
+    # A closing sample moves W0 to W_{K-1} and restarts its sums (same ops as the in-place step).
+    negc = -(closes.to(xq.dtype) * token_idx[K - 1])
+    keep = (~closes).to(xq.dtype)
+    weights = [torch.addcmul(w, s, negc) for w, s in zip(state.weights(), sums)]
+    return out, TTTState(*weights, *(s * keep for s in sums), state.pos + 1)
+
+
+def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
+                  ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
+                  token_idx: torch.Tensor | None = None, exec_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One streaming token per sample, no autograd, the state updated in place.
+
+    xq, xk, xv [B, H, 1, d]; lr [B, H, 1]; ln_weight, ln_bias [H, d]. Samples whose
+    ``exec_mask`` [B] is False keep their state exactly (their output is computed all the same).
+    Same values as ``ttt_mlp_token`` (bit for bit), with no host sync and no new state tensors:
+    the torch counterpart of the fused streaming kernel, for CPU and for GPUs without it.
+    Returns out [B, H, 1, d] (dtype of xq).
+    """
+    if torch.is_grad_enabled():  # (a decorator would cost its context switch on every frame)
+        with torch.no_grad():
+            return ttt_mlp_step_(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
+                                 exec_mask)
+    K = mini_batch_size
+    dt = state.W1.dtype
+    if token_idx is None:
+        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
+    token_idx = token_idx.to(dt)
+    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    B, H, _, d = xq.shape
+    xq_, xk_, xv_, lr_ = (t.to(dt) for t in (xq, xk, xv, lr))
+    xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx,
+                                                                   cache=True)
+    x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
+    z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
+    out = xq_ + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
+
+    step = 1
+    on_cpu = xq.device.type == "cpu"
+    if on_cpu and exec_mask is not None and bool(exec_mask.all()):
+        exec_mask = None  # CPU: reading the mask is free, and all-true is the usual case
+    if exec_mask is not None:  # a sample that does not execute adds nothing and does not close
+        ex = exec_mask.to(device=xq.device)
+        e = ex.to(dt).view(B, 1, 1, 1).expand(B, H, 1, 1).reshape(B * H, 1, 1)
+        gz1, gz2 = gz1 * e, gz2 * e
+        closes = closes & ex.view(B, 1, 1, 1)
+        step = ex.long()
+    G[0].baddbmm_(xk3.transpose(1, 2), gz1)
+    G[1].add_(gz1)
+    G[2].baddbmm_(x2k.transpose(1, 2), gz2)
+    G[3].add_(gz2)
+    # On CPU reading a flag costs nothing (no device to wait for): skip the K - 1 of K steps
+    # where no sample closes. Elsewhere the update always runs (no host sync, CUDA graphs).
+    if not on_cpu or bool(closes.any()):
+        negc = -(closes.to(dt) * token_idx[K - 1])
+        keep = (~closes).to(dt)
+        for w, s in zip(state.weights(), state.sums()):
+            w.addcmul_(s, negc)
+            s.mul_(keep)
+    state.pos.add_(step)
+    return out.to(xq.dtype)
 
 
 # ----------------------------------------------------------------------------- dispatch
 def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
             ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
             token_idx: torch.Tensor | None = None, *,
-            impl: Literal["auto", "dual", "token", "triton"] = "auto") -> tuple[torch.Tensor, TTTState]:
+            impl: Literal["auto", "dual", "dual_autograd", "token", "triton"] = "auto",
+            ) -> tuple[torch.Tensor, TTTState]:
     """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state``.
 
     Args:
@@ -284,7 +427,8 @@ def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tens
         state: the per-sample state (``init_state`` or a previous call's ``new_state``).
         mini_batch_size: K, tokens per inner step.
         token_idx: [K] step-size multipliers per mini-batch position; default ``1/(i+1)``.
-        impl: "dual" (matrix form), "token" (per-token), "triton" (fused kernels, CUDA), or
+        impl: "dual" (matrix form, analytic backward), "dual_autograd" (the same, differentiated
+            by autograd), "token" (per-token), "triton" (fused kernels, CUDA), or
             "auto": the fused kernels when enabled (``MOSHI_TTT_KERNELS=1``) and supported,
             else token for T == 1 and dual otherwise.
     Returns:
@@ -301,6 +445,8 @@ def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tens
         return ttt_mlp_triton(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "dual":
         return ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
+    if impl == "dual_autograd":
+        return ttt_mlp_dual_autograd(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "token":
         return ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
-    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'token' or 'triton'")
+    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'dual_autograd', 'token' or 'triton'")

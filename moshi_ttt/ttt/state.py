@@ -129,6 +129,19 @@ def reset_state(state: TTTState, fresh: TTTState, mask: torch.Tensor | None) -> 
     return select_state(mask, fresh, state)
 
 
+@torch.no_grad()
+def reset_state_(state: TTTState, base: tuple[torch.Tensor, ...], mask: torch.Tensor) -> None:
+    """In place: the samples selected by ``mask`` [B] go back to ``base`` (the learned initial
+    W1, b1, W2, b2, broadcast over the batch), with zero sums and position; no host sync, no new
+    state tensors (streaming, CUDA graphs)."""
+    for name, t in state.items():
+        m = _bmask(mask, t)
+        if name in WEIGHT_NAMES:
+            t.copy_(torch.where(m, base[WEIGHT_NAMES.index(name)].to(t.dtype), t))
+        else:
+            t.masked_fill_(m, 0)
+
+
 def carry_state(state: TTTState, base: tuple[torch.Tensor, ...], mode: str) -> TTTState:
     """The carried state as it enters a new chunk's graph (DESIGN.md section 4).
 
