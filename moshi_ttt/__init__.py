@@ -1,6 +1,6 @@
 """moshi-ttt: a long-term test-time-training (TTT-MLP) memory for Kyutai's Moshi.
 
-Public contract (DESIGN.md section 6): ``TTTConfig``, ``build_lm``, ``tiny_lm_kwargs``, and the
+Public contract (docs/DESIGN.md section 6): ``TTTConfig``, ``build_lm``, ``tiny_lm_kwargs``, and the
 operator functions ``init_state`` / ``ttt_mlp`` (in ``moshi_ttt.ttt.ops``).
 The Moshi-facing names are imported lazily so that ``moshi_ttt.ttt`` stays usable (and fast to
 import) without touching moshi.
@@ -13,11 +13,12 @@ from typing import Any
 from .ttt import TTTConfig, TTTState, init_state, ttt_mlp
 
 __version__ = "0.1.0"
-__all__ = ["TTTConfig", "TTTState", "init_state", "ttt_mlp", "build_lm", "tiny_lm_kwargs", "__version__"]
+__all__ = ["TTTConfig", "TTTState", "init_state", "ttt_mlp", "build_lm", "tiny_lm_kwargs", "memory_lm_kwargs",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("build_lm", "tiny_lm_kwargs"):
+    if name in ("build_lm", "tiny_lm_kwargs", "memory_lm_kwargs"):
         from .model import build as _build
 
         return getattr(_build, name)

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .runtime import setup_threads
+
+    setup_threads(getattr(args, "threads", None))  # suited to the free CPUs, printed once
     return int(args.func(args) or 0)
 
 

@@ -18,6 +18,9 @@ from moshi_ttt.model.presets import tiny_lm_kwargs  # noqa: E402
 
 CFG = SynthConfig()
 L, W, DQ = CFG.motif_len, CFG.context, CFG.dep_q
+# Attention's reach over the 4 stacked layers (4*(32-1) + 2 + 1; moshi_ttt.model.reach, measured by
+# perturbation in tests/test_model_reach.py): a frame t - R or older cannot change frame t's predictions.
+R = 127
 CUE_ROW = 1 + DQ  # first user codebook
 
 
@@ -35,11 +38,14 @@ def test_defaults_fit_the_tiny_preset():
     kw = tiny_lm_kwargs()
     assert (CFG.n_q, CFG.dep_q, CFG.card, CFG.text_card, CFG.context) == (4, 2, 64, 64, 32)
     assert (kw["n_q"], kw["dep_q"], kw["card"], kw["text_card"], kw["context"]) == (4, 2, 64, 64, 32)
+    assert CFG.reach == R and kw["num_layers"] == CFG.num_layers == 4
     assert CFG.text_padding_id == kw["existing_text_padding_id"]
     assert SynthConfig.from_lm_kwargs(kw) == CFG
-    assert CFG.frames_min >= 6 * W and CFG.gap_min > W + 1
+    assert CFG.frames_min >= 6 * W and CFG.gap_min >= R
     with pytest.raises(ValueError, match="gap_min"):
-        SynthConfig(gap_min=W + 1)
+        SynthConfig(gap_min=W + 1)  # beyond one window, but within the stacked layers' reach
+    with pytest.raises(ValueError, match="gap_min"):
+        SynthConfig(gap_min=R - 1)
 
 
 def test_deterministic_and_in_moshi_layout():
@@ -72,9 +78,10 @@ def test_recall_targets_copy_the_shown_motif_from_beyond_the_window():
                 expected_mask[t] = True
                 # memory solves it: the Moshi streams repeat the first occurrence exactly
                 assert torch.equal(codes[: 1 + DQ, t], codes[: 1 + DQ, first[j]])
-                # attention does not: no earlier occurrence of this slot among the frames a model with
-                # context W (and acoustic delay 1) can see when predicting frame t
-                seen = [s for s in ts if t - W - 1 <= s < t]
+                # attention does not: no frame of any earlier occurrence (motif frames and their cues,
+                # one frame earlier) within the reach of frame t's predictions (t - f < R)
+                earlier = [x - j for x in ts if x < t]  # starts of the earlier occurrences
+                seen = [s for s in earlier if any(t - f < R for f in range(s - 1, s + L))]
                 assert seen == [], (i, j, t, seen)
         assert torch.equal(mask, expected_mask)
         n_targets += int(mask.sum())
@@ -82,7 +89,7 @@ def test_recall_targets_copy_the_shown_motif_from_beyond_the_window():
 
 
 def test_window_of_a_recall_target_carries_no_information_about_it():
-    """Intervention: change one motif entry; every frame a W-context model sees is unchanged."""
+    """Intervention: change one motif entry; every frame within attention's reach of the target is unchanged."""
     f = generate_file(CFG, 7)
     motif = f.motifs[0].numpy()
     for row in range(1 + DQ):
@@ -96,7 +103,7 @@ def test_window_of_a_recall_target_carries_no_information_about_it():
             assert diff == [[row, s + j] for s in f.starts]
             for s in f.starts[1:]:
                 t = s + j
-                lo_t = max(0, t - W - 1)
+                lo_t = max(0, t - R + 1)  # frames f with t - f < R
                 a, b = f.codes[:, lo_t:t + 1].clone(), g.codes[:, lo_t:t + 1].clone()
                 assert a[row, -1] != b[row, -1]  # the target differs...
                 a[row, -1] = b[row, -1] = -1
@@ -104,7 +111,7 @@ def test_window_of_a_recall_target_carries_no_information_about_it():
 
 
 def _predict_rates(cfg, files=600):
-    """Accuracy on recall targets (audio row 1) of a memory copy and of a window-limited predictor.
+    """Accuracy on recall targets (audio row 1) of a memory copy and of a reach-limited predictor.
 
     One target per file and slot (the first recall), so that the samples are independent.
     """
@@ -117,7 +124,7 @@ def _predict_rates(cfg, files=600):
                 y = int(f.codes[1, t])
                 targets.append(y)
                 mem_hits += y == int(f.codes[1, ts[0]])
-                window = f.codes[1, max(0, t - W - 1):t]  # best guess in view: the most frequent code
+                window = f.codes[1, max(0, t - R + 1):t]  # best guess in view: the most frequent code
                 win_hits += y == int(torch.mode(window).values)
     n = len(targets)
     return np.array(targets), mem_hits / n, win_hits / n
@@ -165,6 +172,7 @@ def test_synth_command_writes_encoded_datasets(tmp_path, capsys):
     mem, ctl = EncodedDataset(tmp_path / "mem"), EncodedDataset(tmp_path / "ctl")
     assert len(mem) == len(ctl) == 5
     assert mem.meta["synthetic"]["kind"] == "memory" and ctl.meta["synthetic"]["kind"] == "control"
+    assert mem.meta["synthetic"]["reach"] == R and mem.meta["synthetic"]["gap_min"] >= R
     assert mem.layout.n_q == 4 and mem.layout.dep_q == 2
     for fid_m, fid_c in zip(mem.file_ids, ctl.file_ids):
         fm, fc = mem.load(fid_m), ctl.load(fid_c)

@@ -303,8 +303,80 @@ def test_report_corpus_without_recall_targets_decides_on_later_chunk_loss(tmp_pa
     md = write_report(tmp_path, load(raw), None, {}, "cmd", n_boot=500).read_text()
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["overall"] == {"corpus": "real", "contrast": "ii", "metric": "later_chunk_loss",
-                                  "decision": "keep", "verdict": results["overall"]["verdict"]}
+                                  "decision": "keep", "verdict": results["overall"]["verdict"], "at_chance": False}
     recall = [e for e in results["corpora"]["real"]["contrasts"] if e["metric"] == "recall_loss"]
     assert all(e["skipped"] == "no recall targets in this corpus" for e in recall)
     assert "recall_loss_real.png" not in md
     assert_png(tmp_path / "loss_by_chunk_real.png")
+
+
+# ---- chance level -----------------------------------------------------------------------------
+
+
+def with_chance(raw: list[dict], chance: float) -> list[dict]:
+    """The evaluator's ``recall_chance_nats`` planted into every result."""
+    for r in raw:
+        r["recall_chance_nats"] = chance
+    return raw
+
+
+def test_report_all_arms_at_chance_says_so_first_and_decides_nothing(tmp_path):
+    # Planted: a 3% "effect" between arms whose recall loss (~2.3-2.4 nats) is within 1% of chance (2.4)
+    # or above it, by their 95% CIs: a "significant" difference that says nothing about memory.
+    raw = with_chance(synth(0.03, rng_seed=5) + synth(0.0, corpus="control", rng_seed=6), 2.4)
+    md_path = write_report(tmp_path, load(raw), None, {}, "cmd", n_boot=500,
+                           facts={"wall_time_s": 75.0, "torch": "2.9.1", "cpu": "test CPU", "load_1min": 3.5,
+                                  "git_commit": "abc123"})
+    md = md_path.read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    first = "\n".join(md.splitlines()[:4])
+    assert "No arm learned the recall targets (all at chance): this run cannot tell whether memory helps" in first
+    assert results["overall"]["at_chance"] is True and results["overall"]["decision"] is None
+    lm = results["corpora"]["long-memory"]
+    assert lm["chance"]["recall_loss"] == pytest.approx(2.4)
+    assert lm["headline"]["verdict"].startswith("no arm learned the recall targets")
+    conclusion = md.split("## Conclusion")[1].split("## Corpus")[0]
+    assert "keep the simpler" not in conclusion.split("\n\n")[1]  # the verdict paragraph decides nothing
+    assert "Chance level of the recall-target loss: 2.4000" in md
+    # Run facts in the report, wall time readable.
+    facts = md.split("## Run facts")[1]
+    assert "75 s (1.2 min)" in facts and "2.9.1" in facts and "abc123" in facts and "3.50" in facts
+    assert_png(tmp_path / "recall_loss_long-memory.png")
+
+
+def test_report_an_arm_below_chance_keeps_the_decision(tmp_path):
+    # Same data, chance 4.0: every arm is far below it, so the decision rule applies as usual.
+    raw = with_chance(synth(0.3, rng_seed=5), 4.0)
+    md = write_report(tmp_path, load(raw), None, {}, "cmd", n_boot=500, make_plots=False).read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["overall"]["at_chance"] is False and results["overall"]["decision"] == "keep"
+    assert "No arm learned" not in md and "No arm did" not in md
+
+
+def test_chance_verdict_unit():
+    from moshi_ttt.eval.report import AT_CHANCE_STATEMENT, chance_verdict
+    from moshi_ttt.eval.stats import MeanCI
+
+    at = {"A": MeanCI(16, 4.17, 4.15, 4.19), "B": MeanCI(16, 4.16, 4.13, 4.19)}
+    assert chance_verdict(at, 4.16) == AT_CHANCE_STATEMENT
+    assert chance_verdict(at, None) is None                                      # unknown chance: no claim
+    learned = {**at, "B": MeanCI(16, 3.0, 2.9, 3.1)}
+    assert chance_verdict(learned, 4.16) is None
+    # Below chance by less than the margin is still chance.
+    assert chance_verdict({"A": MeanCI(16, 4.13, 4.12, 4.14)}, 4.16) == AT_CHANCE_STATEMENT
+
+
+def test_plot_axes_are_sized_to_the_data():
+    from types import SimpleNamespace
+
+    from moshi_ttt.eval.plots import contrast_limits, metric_limits
+    from moshi_ttt.eval.stats import MeanCI
+
+    # Recall losses 4.15-4.19 and chance 4.16: the axis spans them, not 0..4.2 (equal-looking bars).
+    lo, hi = metric_limits([MeanCI(16, 4.17, 4.15, 4.19), MeanCI(16, 4.18, 4.16, 4.20)], chance=4.09)
+    assert 4.0 < lo < 4.09 and 4.20 < hi < 4.3
+    # +-0.6% estimates are not squeezed against a -10% threshold: the axis stays within a few percent.
+    comps = [SimpleNamespace(rel_change=0.003, rel_ci_low=-0.0001, rel_ci_high=0.0059),
+             SimpleNamespace(rel_change=-0.006, rel_ci_low=-0.012, rel_ci_high=0.0)]
+    lo, hi = contrast_limits(comps)
+    assert -2.0 < lo < -1.2 and 0.59 < hi < 1.0

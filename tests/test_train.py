@@ -117,18 +117,17 @@ def test_kill_9_and_resume_equals_uninterrupted(corpus, tmp_path):
             "--set", "ttt.layers=[1,2]", "--set", "optim.warmup_steps=2"]
     env = {**os.environ, "NO_TORCH_COMPILE": "1"}
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, *base, "--set", f"run_dir={ref}"], check=True, env=env, timeout=600,
-                   capture_output=True)
+    subprocess.run([sys.executable, *base, "--set", f"run_dir={ref}"], check=True, env=env, capture_output=True)
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *base, "--set", f"run_dir={run}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step_0000009").is_dir() and time.time() < deadline and proc.poll() is None:
+    # Wait for the checkpoint (or the run's end), however slow the machine: no wall-clock limit.
+    while not (run / "checkpoints" / "step_0000009").is_dir() and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    res = subprocess.run([sys.executable, *base, "--set", f"run_dir={run}", "--resume"], env=env, timeout=600,
+    res = subprocess.run([sys.executable, *base, "--set", f"run_dir={run}", "--resume"], env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stdout
@@ -197,11 +196,11 @@ def test_two_process_gloo_equals_one_process(corpus, tmp_path):
     env = {**os.environ, "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "moshi_ttt.train", *common, "--set", "data.lanes=4",
-                    "--set", f"run_dir={one}"], check=True, env=env, timeout=600, capture_output=True)
+                    "--set", f"run_dir={one}"], check=True, env=env, capture_output=True)
     two = tmp_path / "two"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29517", "-m", "moshi_ttt.train", *common, "--set", "data.lanes=2",
-                          "--set", f"run_dir={two}"], env=env, timeout=600, capture_output=True, text=True)
+                          "--set", f"run_dir={two}"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     wa = load_file(str(one / "checkpoints" / "step_0000004" / "trainable.safetensors"))
     wb = load_file(str(two / "checkpoints" / "step_0000004" / "trainable.safetensors"))

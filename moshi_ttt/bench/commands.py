@@ -1,4 +1,4 @@
-"""``moshi-ttt bench {model,op}``: benchmarks that compare against stock Moshi in one run."""
+"""``moshi-ttt bench {model,op,generate}``: benchmarks that compare against stock Moshi in one run."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=model.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model.add_arguments(pm)
     pm.set_defaults(func=model.main_args)
+    from . import generate
+
+    pg = bsub.add_parser("generate", help="streaming generation over a long input: memory use, real-time factor",
+                         description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_arguments(pg)
+    pg.set_defaults(func=generate.main_args)
     try:
         from . import op
     except ImportError:  # the op benchmark lands with the kernels

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 from ..model.build import build_lm, moshi_7b_lm_kwargs, tiny_lm_kwargs
 from ..model.loss import lm_loss
+from ..runtime import load_average, load_warning, machine_state
 from ..ttt.config import TTTConfig
 from .common import device_name
 
@@ -131,35 +133,28 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
     T = cfg.seq_len or (3000 if preset == "7b" else 256)
     arms = {"stock": TTTConfig(layers="none"),
             "ttt": TTTConfig(layers=cfg.ttt_layers, mini_batch_size=cfg.mini_batch_size)}
+    warn = load_warning(torch.get_num_threads())
+    if warn:
+        print(warn, file=sys.stderr)
     results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
-                               "seq_len": T, "config": asdict(cfg), "arms": {},
-                               "load_average": _load_average()}
+                               "seq_len": T, "config": asdict(cfg), "arms": {}, "machine": machine_state(),
+                               "load_warning": warn}
     for arm, tcfg in arms.items():
         torch.manual_seed(0)
         model = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
         r: dict[str, Any] = {"ttt_layers": model.ttt_layers,
                              "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
         if not cfg.skip_train:
-            r["train"] = bench_train(model, cfg, T, device)
+            r["train"] = {**bench_train(model, cfg, T, device), "load_1min": load_average()}
         if not cfg.skip_gen:
-            r["gen"] = {str(B): bench_gen(model, B, cfg, device) for B in cfg.gen_batches}
+            r["gen"] = {str(B): {**bench_gen(model, B, cfg, device), "load_1min": load_average()}
+                        for B in cfg.gen_batches}
         results["arms"][arm] = r
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results["ratios"] = _ratios(results["arms"])
-    results["load_average_end"] = _load_average()
     return results
-
-
-def _load_average() -> list[float] | None:
-    """1, 5, 15-minute load averages (figures from a busy machine are not comparable)."""
-    try:
-        import os
-
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def _ratios(arms: dict[str, Any]) -> dict[str, float]:
@@ -180,7 +175,10 @@ def _ratios(arms: dict[str, Any]) -> dict[str, float]:
 
 def format_table(res: dict[str, Any]) -> str:
     s, t = res["arms"]["stock"], res["arms"]["ttt"]
-    rows = [f"moshi-ttt model benchmark on {res['device']}",
+    m = res.get("machine", {})
+    load = "unknown" if m.get("load_1min") is None else f"{m['load_1min']:.2f}"
+    rows = [f"moshi-ttt model benchmark on {res['device']}, machine load {load} on {m.get('cpus')} CPUs at start "
+            "(load at each figure in the JSON)",
             f"preset {res['preset']}, {res['dtype']}, T={res['seq_len']} frames, "
             f"TTT in layers {t['ttt_layers']}",
             f"{'measure':34s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
@@ -203,10 +201,10 @@ def format_table(res: dict[str, Any]) -> str:
             row(f"LMGen.step B={B}, CPU time (ms)", s["gen"][B]["step_cpu_ms"], t["gen"][B]["step_cpu_ms"])
     if res["device"].startswith("CPU"):
         rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
-        load = res.get("load_average"), res.get("load_average_end")
-        if load[0]:
-            rows.append(f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}; on a busy machine "
-                        "compare the CPU-time rows, measured with one thread (OMP_NUM_THREADS=1)")
+        if "train" in s and s["train"].get("fwd_bwd_cpu_s"):
+            rows.append("(on a busy machine compare the CPU-time rows of a one-thread run: OMP_NUM_THREADS=1)")
+    if res.get("load_warning"):
+        rows.append(res["load_warning"])
     return "\n".join(rows)
 
 

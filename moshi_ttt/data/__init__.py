@@ -1,8 +1,9 @@
 """Long-recording data: manifests, Mimi code cache, text interleaving, in-order chunk streams,
-and the synthetic long-memory corpus. See ``moshi_ttt/data/README.md``.
+the synthetic long-memory corpus and the key -> value ladder. See ``moshi_ttt/data/README.md``.
 """
 
 from .dataset import CodesLayout, EncodedDataset, EncodedDatasetWriter, EncodedFile, FileEntry
+from .ladder import RUNG_NAMES, LadderConfig, LadderFile, generate_ladder_file, read_rung, write_ladder
 from .manifest import ManifestEntry, Word, read_alignment, read_manifest
 from .mimi import MimiEncoder, MimiSpec, benchmark_encode, build_mimi, tiny_mimi
 from .prepare import CodeCache, PrepareConfig, PrepareResult, load_stereo, prepare
@@ -13,6 +14,7 @@ from .text import TextConfig, interleave, place_tokens, text_stream
 
 __all__ = [
     "CodesLayout", "EncodedDataset", "EncodedDatasetWriter", "EncodedFile", "FileEntry",
+    "RUNG_NAMES", "LadderConfig", "LadderFile", "generate_ladder_file", "read_rung", "write_ladder",
     "ManifestEntry", "Word", "read_alignment", "read_manifest",
     "MimiEncoder", "MimiSpec", "benchmark_encode", "build_mimi", "tiny_mimi",
     "CodeCache", "PrepareConfig", "PrepareResult", "load_stereo", "prepare",

@@ -32,10 +32,31 @@ SYNTH_HELP = """\
 Write the synthetic long-memory corpus (same on-disk format as `prepare`).
 
 Each file: a file-specific background "voice", one random motif shown near the start and recalled
-after gaps longer than the attention context, cued by markers in the user stream; recall_mask
-marks the recall targets, which no model with a context shorter than the gap can predict better
-than chance. --control writes the variant with fresh motifs at every recall (same statistics, no
-long-range dependence). Defaults fit the tiny preset (context 32) and train in minutes on a CPU.
+after gaps at least attention's reach (num_layers*(context-1) + 2 + max_delay frames: how far the
+stacked sliding windows carry information), cued by markers in the user stream; recall_mask marks
+the recall targets, which no attention-only model of that reach can predict better than chance.
+--control writes the variant with fresh motifs at every recall (same statistics, no long-range
+dependence). Defaults fit the tiny preset (4 layers, context 32, reach 4*(32-1) + 2 + 1 = 127):
+gaps of 135-151 frames, files of 330-469 frames.
+
+--task kv writes the positive-control ladder instead (moshi_ttt.data.ladder): per file
+--num-bindings random keys (user codes below --num-keys) with random values. An occurrence puts the
+key on the first user stream for 2 + max_delay frames and the value one frame after the key starts
+in every Moshi stream, so that key and value enter the model in the same input frame and the key is
+visible before the value must be predicted. Every repeat of a key is a read, labelled per frame in
+recall_rung (recall_mask = rung > 0), given the model's reach R (from --preset, --num-layers,
+--context), --chunk-frames C and --span-chunks N (training span S = N*C frames):
+  rung 1  the previous occurrence lies within one attention window (gap <= context - 1 - max_delay):
+          attention alone must solve it;
+  rung 2  beyond the reach (gap >= R + max_delay: no frame of any earlier occurrence can reach the
+          target through attention) with the previous occurrence in the same span, an earlier chunk;
+  rung 3  beyond the reach with the previous occurrence in an earlier span (only a memory kept
+          across spans helps);
+  0       other reads, not measured.
+--control draws a fresh value at every occurrence (same layout and labels, nothing to remember).
+--background zero (default: zero-entropy filler) or voice. Defaults fit --preset memory (2 layers,
+context 8, reach 17), chunks of 32, spans of 4 chunks, files of 3 spans: per file about 17 reads of
+rungs 1 and 2 and 16 of rung 3.
 """
 
 
@@ -100,19 +121,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synth", help="write the synthetic long-memory corpus (or its control)",
                        description=SYNTH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--out", type=Path, required=True, help="output dataset directory")
-    s.add_argument("--preset", choices=["tiny", "7b"], default="tiny",
-                   help="model layout and attention context to fit (default: %(default)s)")
+    s.add_argument("--task", choices=["motif", "kv"], default="motif",
+                   help="motif: the long-memory corpus; kv: the key -> value positive-control ladder "
+                   "(default: %(default)s)")
+    s.add_argument("--preset", choices=["tiny", "memory", "7b"], default=None,
+                   help="model layout, layers, context and delays to fit (default: tiny for motif, memory for kv)")
+    s.add_argument("--num-layers", type=int, default=None, help="attention layers (default: the preset's)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     s.add_argument("--num-files", type=int, default=64, help="number of files (default: %(default)s)")
-    s.add_argument("--frames-min", type=int, default=None, help="shortest file in frames (default: 6 x context)")
-    s.add_argument("--frames-max", type=int, default=None, help="longest file in frames (default: 8 x context)")
+    s.add_argument("--frames-min", type=int, default=None,
+                   help="shortest file in frames (default: room for two recalls)")
+    s.add_argument("--frames-max", type=int, default=None, help="longest file in frames (default: one gap more)")
     s.add_argument("--context", type=int, default=None, help="attention context in frames (default: the preset's)")
     s.add_argument("--motif-len", type=int, default=4, help="frames per motif (default: %(default)s)")
-    s.add_argument("--gap-min", type=int, default=None, help="min frames between occurrences (default: context + 8)")
-    s.add_argument("--gap-max", type=int, default=None, help="max frames between occurrences (default: context + 24)")
+    s.add_argument("--gap-min", type=int, default=None,
+                   help="min frames between occurrences, >= the reach (default: reach + 8)")
+    s.add_argument("--gap-max", type=int, default=None, help="max frames between occurrences (default: reach + 24)")
     s.add_argument("--voice-size", type=int, default=8,
                    help="codes per stream in a file's voice (default: %(default)s)")
-    s.add_argument("--control", action="store_true", help="write the control: fresh motif at every recall")
+    s.add_argument("--control", action="store_true",
+                   help="write the control: fresh motif (kv: fresh value) at every recall")
+    kv = s.add_argument_group("kv ladder (--task kv)")
+    kv.add_argument("--num-bindings", type=int, default=8, help="keys per file (default: %(default)s)")
+    kv.add_argument("--num-keys", type=int, default=16,
+                    help="user codes reserved for keys; each file draws its keys there (default: %(default)s)")
+    kv.add_argument("--chunk-frames", type=int, default=32, help="training chunk C in frames (default: %(default)s)")
+    kv.add_argument("--span-chunks", type=int, default=4,
+                    help="chunks per training span N (S = N*C frames) (default: %(default)s)")
+    kv.add_argument("--num-spans", type=int, default=3, help="file length in spans (default: %(default)s)")
+    kv.add_argument("--num-frames", type=int, default=None, help="file length in frames (overrides --num-spans)")
+    kv.add_argument("--background", choices=["zero", "voice"], default="zero",
+                    help="filler between occurrences: zero entropy or a file-specific voice (default: %(default)s)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=run_synth)
 
@@ -175,16 +214,21 @@ def _load_tokenizer(path: Path, text_card: int):
 def run_synth(args: argparse.Namespace) -> int:
     """Entry point of ``moshi-ttt synth``; returns the exit code."""
     from ..model import presets
+
+    preset = args.preset or ("memory" if args.task == "kv" else "tiny")
+    kw = {"tiny": presets.tiny_lm_kwargs, "memory": presets.memory_lm_kwargs,
+          "7b": presets.moshi_7b_lm_kwargs}[preset]()
+    if args.num_layers is not None:
+        kw["num_layers"] = args.num_layers
+    if args.task == "kv":
+        return _run_synth_kv(args, kw)
     from .synthetic import SynthConfig, write_corpus
 
-    kw = presets.tiny_lm_kwargs() if args.preset == "tiny" else presets.moshi_7b_lm_kwargs()
     context = args.context or kw["context"]
     overrides = {"seed": args.seed, "num_files": args.num_files, "context": context, "motif_len": args.motif_len,
                  "gap_min": args.gap_min, "gap_max": args.gap_max, "voice_size": args.voice_size,
                  "control": args.control}
-    frames_max = args.frames_max or 8 * context
-    overrides["frames_max"] = frames_max
-    overrides["frames_min"] = args.frames_min or min(6 * context, frames_max)
+    overrides["frames_min"], overrides["frames_max"] = args.frames_min, args.frames_max
     try:
         cfg = SynthConfig.from_lm_kwargs(kw, **overrides)
     except ValueError as e:
@@ -192,5 +236,31 @@ def run_synth(args: argparse.Namespace) -> int:
         return 2
     write_corpus(cfg, args.out, progress=not args.quiet)
     kind = "control" if cfg.control else "memory"
-    print(f"wrote {cfg.num_files} synthetic ({kind}) file(s) to {args.out}", file=sys.stderr)
+    print(f"wrote {cfg.num_files} synthetic ({kind}) file(s) to {args.out}: reach {cfg.reach} frames, gaps "
+          f"{cfg.gap_min}-{cfg.gap_max}", file=sys.stderr)
+    return 0
+
+
+def _run_synth_kv(args: argparse.Namespace, kw: dict) -> int:
+    """``moshi-ttt synth --task kv``: the positive-control ladder."""
+    from .ladder import LadderConfig, write_ladder
+
+    if args.context is not None:
+        kw["context"] = args.context
+    overrides = {"seed": args.seed, "num_files": args.num_files, "num_bindings": args.num_bindings,
+                 "num_keys": args.num_keys, "chunk_frames": args.chunk_frames, "span_chunks": args.span_chunks,
+                 "num_spans": args.num_spans, "num_frames": args.num_frames, "background": args.background,
+                 "voice_size": args.voice_size, "control": args.control}
+    try:
+        cfg = LadderConfig.from_lm_kwargs(kw, **overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_ladder(cfg, args.out, progress=not args.quiet)
+    from .dataset import EncodedDataset
+
+    counts = EncodedDataset(args.out, verify=False).meta["synthetic"]["rung_counts"]
+    kind = "control" if cfg.control else "memory"
+    print(f"wrote {cfg.num_files} kv ladder ({kind}) file(s) to {args.out}: reach {cfg.reach} frames, "
+          f"reads per rung {counts}", file=sys.stderr)
     return 0

@@ -9,6 +9,9 @@ Layout of a dataset directory::
                      rows 1..dep_q the Moshi (left) channel, rows dep_q+1..n_q the user channel)
         recall_mask  [T] uint8, optional: frames whose Moshi tokens (rows 0..dep_q) can only be
                      predicted from memory beyond the attention window (synthetic corpus)
+        recall_rung  [T] uint8, optional: per frame, the rung of its recall target (key -> value
+                     ladder: 1 within attention's reach, 2 beyond it in the same training span, 3
+                     across spans; 0 = not a measured target); ``recall_mask == (recall_rung > 0)``
 
 Every file is written to a temporary name and moved into place (``os.replace``), so a crash never
 leaves a half-written file under a final name.
@@ -158,11 +161,13 @@ class FileEntry:
 
 @dataclass
 class EncodedFile:
-    """A loaded file: ``codes`` [1 + n_q, T] int64, ``recall_mask`` [T] bool or None."""
+    """A loaded file: ``codes`` [1 + n_q, T] int64, ``recall_mask`` [T] bool or None,
+    ``recall_rung`` [T] int64 or None (ladder corpora: the rung of each frame's recall target)."""
 
     file_id: str
     codes: torch.Tensor
     recall_mask: torch.Tensor | None = None
+    recall_rung: torch.Tensor | None = None
 
     @property
     def num_frames(self) -> int:
@@ -236,12 +241,15 @@ class EncodedDataset:
                     return "codes file has no 'codes' tensor"
                 shape = tuple(f.get_slice("codes").get_shape())
                 mask_shape = tuple(f.get_slice("recall_mask").get_shape()) if "recall_mask" in f.keys() else None
+                rung_shape = tuple(f.get_slice("recall_rung").get_shape()) if "recall_rung" in f.keys() else None
         except Exception as e:  # safetensors raises several types for a corrupt header
             return f"codes file is unreadable ({type(e).__name__}: {e})"
         if shape != (self.layout.num_rows, entry.num_frames):
             return f"codes shape {shape} != expected {(self.layout.num_rows, entry.num_frames)} from the index"
         if mask_shape is not None and mask_shape != (entry.num_frames,):
             return f"recall_mask shape {mask_shape} != ({entry.num_frames},)"
+        if rung_shape is not None and rung_shape != (entry.num_frames,):
+            return f"recall_rung shape {rung_shape} != ({entry.num_frames},)"
         return None
 
     def __len__(self) -> int:
@@ -280,7 +288,11 @@ class EncodedDataset:
         if problem is not None:
             raise DataError(str(path), problem)
         mask = tensors.get("recall_mask")
-        return EncodedFile(file_id, codes, None if mask is None else mask.bool())
+        rung = tensors.get("recall_rung")
+        if rung is not None and tuple(rung.shape) != (entry.num_frames,):
+            raise DataError(str(path), f"recall_rung shape {tuple(rung.shape)} != ({entry.num_frames},)")
+        return EncodedFile(file_id, codes, None if mask is None else mask.bool(),
+                           None if rung is None else rung.long())
 
 
 class EncodedDatasetWriter:
@@ -304,8 +316,8 @@ class EncodedDatasetWriter:
         (self.root / CODES_DIR).mkdir(parents=True, exist_ok=True)
 
     def add(self, file_id: str, codes: torch.Tensor, recall_mask: torch.Tensor | None = None,
-            source: dict[str, Any] | None = None) -> FileEntry:
-        """Write ``codes`` [1 + n_q, T] (and ``recall_mask`` [T]) for ``file_id``."""
+            source: dict[str, Any] | None = None, recall_rung: torch.Tensor | None = None) -> FileEntry:
+        """Write ``codes`` [1 + n_q, T] (and ``recall_mask`` [T], ``recall_rung`` [T] in 0..255)."""
         if file_id in self._ids:
             raise ValueError(f"duplicate file_id {file_id!r}")
         problem = self.layout.check_codes(codes)
@@ -317,6 +329,12 @@ class EncodedDatasetWriter:
             if tuple(recall_mask.shape) != (T,):
                 raise ValueError(f"{file_id}: recall_mask shape {tuple(recall_mask.shape)} != ({T},)")
             tensors["recall_mask"] = recall_mask.to(torch.uint8)
+        if recall_rung is not None:
+            if tuple(recall_rung.shape) != (T,):
+                raise ValueError(f"{file_id}: recall_rung shape {tuple(recall_rung.shape)} != ({T},)")
+            if recall_rung.numel() and (int(recall_rung.min()) < 0 or int(recall_rung.max()) > 255):
+                raise ValueError(f"{file_id}: recall_rung outside [0, 255]")
+            tensors["recall_rung"] = recall_rung.to(torch.uint8)
         rel = f"{CODES_DIR}/{file_id}.safetensors"
         metadata = {"format": FORMAT, "file_id": file_id, "layout": json.dumps(self.layout.to_json())}
         atomic_save_file(tensors, self.root / rel, metadata)

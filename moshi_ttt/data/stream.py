@@ -63,6 +63,9 @@ class ChunkBatch:
         active: [B] bool, the lane carries data.
         epoch: epoch of this batch.
         step: index of this batch in its epoch.
+        recall_rung: [B, C] int64, rung of each frame's recall target in a ladder corpus (1 within
+            attention's reach, 2 beyond it in the training span, 3 across spans; 0 where none,
+            unknown or invalid). ChunkStream always fills it.
     """
 
     codes: torch.Tensor
@@ -76,6 +79,7 @@ class ChunkBatch:
     active: torch.Tensor
     epoch: int = 0
     step: int = 0
+    recall_rung: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -245,6 +249,7 @@ class ChunkStream:
         codes: torch.Tensor | None = None
         valid = torch.zeros(B, C, dtype=torch.bool)
         recall = torch.zeros(B, C, dtype=torch.bool)
+        rung = torch.zeros(B, C, dtype=torch.long)
         reset = torch.ones(B, dtype=torch.bool)
         chunk_index = torch.full((B,), -1, dtype=torch.long)
         is_first = torch.zeros(B, dtype=torch.bool)
@@ -267,6 +272,8 @@ class ChunkStream:
             valid[b, : hi - lo] = True
             if ef.recall_mask is not None:
                 recall[b, : hi - lo] = ef.recall_mask[lo:hi]
+            if getattr(ef, "recall_rung", None) is not None:
+                rung[b, : hi - lo] = ef.recall_rung[lo:hi]
             file_ids[b] = self._files[f].file_id
             chunk_index[b] = c
             is_first[b] = c == 0
@@ -278,7 +285,7 @@ class ChunkStream:
             codes = torch.full((B, rows, C), self.pad_id, dtype=torch.long)
         self._rows = int(codes.shape[1])
         return ChunkBatch(codes, valid, reset, recall, file_ids, chunk_index, is_first, is_last, active,
-                          epoch=sched.epoch, step=step)
+                          epoch=sched.epoch, step=step, recall_rung=rung)
 
     def _num_rows(self) -> int:
         if self._rows is None:

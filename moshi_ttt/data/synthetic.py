@@ -14,7 +14,8 @@ Per file, deterministic from ``(seed, file index)``:
   and dep_q audio codebooks) drawn uniformly (text ids ``first_text_id..text_card-1``, audio
   ``0..card-1``) and independently of everything else. It is *shown* once near the start, then
   *recalled* (the same ``M``) again and again, consecutive occurrences separated by a gap of
-  ``gap_min..gap_max`` frames, with ``gap_min > context + max_delay``.
+  ``gap_min..gap_max`` frames, with ``gap_min >= reach`` (attention's reach over the stacked
+  layers, below).
 - **Cue**: the user stream (codebook ``dep_q + 1``) carries slot marker ``j`` (codes ``0..L-1``,
   never used by the background) one frame before motif frame ``j``, at every occurrence. The
   markers say *when* a motif frame comes and *which* one, never *what* it is: a key for a
@@ -24,11 +25,15 @@ Per file, deterministic from ``(seed, file index)``:
 - **Control** (``control=True``): identical background, cues and labels, but every occurrence
   draws a fresh motif: the same statistics, no long-range dependence.
 
-Why attention alone cannot solve the recall targets (the calculation the tests check): moshi with
-attention context ``W`` predicting frame ``t`` of any row sees codes of frames ``>= t - W - d``
-(``d`` = largest acoustic delay, 1 for Moshi). The previous occurrence of ``M`` ends
-``gap >= gap_min > W + d`` frames before the current one starts, so no earlier occurrence is in
-view. What is in view -- background, cues, and the current occurrence's earlier frames ``M[:j]``
+Why attention alone cannot solve the recall targets (the calculation the tests check): every one of
+moshi's ``num_layers`` layers is a sliding window of ``W = context`` positions over the previous
+layer's outputs, so a code at frame ``f`` can change a prediction of frame ``t`` only if
+``t - f < R = num_layers*(W - 1) + 2 + d`` (``d`` = largest acoustic delay, 1 for Moshi;
+:mod:`moshi_ttt.model.reach`). One layer alone would see only frames ``>= t - W - d``; the stack
+sees much further (``R = 127`` for the tiny preset, not ``W + d + 1 = 34``). The last frame of the
+previous occurrence of ``M`` is ``gap + 1 >= gap_min + 1 > R`` frames before the first target of
+the current one, so no earlier occurrence is in view (``gap >= R - 1`` would do; we keep one frame
+of margin). What is in view -- background, cues, and the current occurrence's earlier frames ``M[:j]``
 (independent of ``M[j]``, every entry being drawn independently) -- is independent of the target
 ``M[row, j]``. Hence ``H(M[row, j] | window) = H(M[row, j]) = ln(card)`` nats for audio
 (``ln(text_card - first_text_id)`` for text): chance, for any predictor whatever its size. A memory
@@ -47,36 +52,41 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..model.reach import stacked_reach
 from .dataset import CodesLayout, EncodedDatasetWriter
 
 
 @dataclass
 class SynthConfig:
-    """Settings of the synthetic corpus; the defaults fit ``tiny_lm_kwargs()`` (context 32).
+    """Settings of the synthetic corpus; the defaults fit ``tiny_lm_kwargs()`` (4 layers, context 32,
+    reach 127).
 
     Attributes:
         seed: everything is a function of ``(seed, file index)``.
         num_files: files in the corpus.
-        frames_min, frames_max: file lengths are uniform in this range (default 6-8 x context).
-        context: the attention context (frames) the recall gap must exceed.
+        frames_min, frames_max: file lengths are uniform in this range (default: room for at least
+            two recalls, ``context // 2 + 2*(motif_len + gap_max) + motif_len``, up to one more gap).
+        context: the attention context (frames) of each layer.
+        num_layers: attention layers stacked; with ``context`` and ``max_delay`` they give the
+            reach (``reach`` property) that every gap must reach.
         n_q, dep_q, card, text_card, text_padding_id, end_of_text_padding_id: the model's layout.
         first_text_id: lowest "word" text id (ids below are special: end-of-padding, BOS, EOS, pad).
         motif_len: frames per motif ``L``.
         gap_min, gap_max: frames between the end of one occurrence and the start of the next
-            (default ``context + 8`` and ``context + 24``).
+            (default ``reach + 8`` and ``reach + 24``; ``gap_min >= reach`` is enforced).
         voice_size: codes per stream in a file's background "voice".
         word_rate: probability that a background frame starts a text word.
-        max_delay: largest acoustic delay of the model (moshi: 1); the gap must exceed
-            ``context + max_delay``.
+        max_delay: largest acoustic delay of the model (moshi: 1), part of the reach.
         control: recalls draw fresh motifs (no long-range dependence).
         frame_rate: stored as metadata (12.5 Hz like Mimi).
     """
 
     seed: int = 0
     num_files: int = 64
-    frames_min: int = 192
-    frames_max: int = 256
+    frames_min: int | None = None
+    frames_max: int | None = None
     context: int = 32
+    num_layers: int = 4
     n_q: int = 4
     dep_q: int = 2
     card: int = 64
@@ -95,10 +105,16 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.gap_min is None:
-            self.gap_min = self.context + 8
+            self.gap_min = self.reach + 8
         if self.gap_max is None:
-            self.gap_max = max(self.gap_min, self.context + 24)
+            self.gap_max = max(self.gap_min, self.reach + 24)
         L = self.motif_len
+        if self.frames_min is None:
+            self.frames_min = self.context // 2 + 2 * (L + self.gap_max) + L
+            if self.frames_max is not None:
+                self.frames_min = min(self.frames_min, self.frames_max)
+        if self.frames_max is None:
+            self.frames_max = max(self.frames_min, self.frames_min + L + self.gap_min)
         checks = [
             (self.num_files >= 1, "num_files must be >= 1"),
             (L >= 1, "motif_len must be >= 1"),
@@ -107,9 +123,9 @@ class SynthConfig:
             (self.voice_size <= self.text_card - self.first_text_id, "voice_size too large for the text vocabulary"),
             (0 <= self.text_padding_id < self.first_text_id and 0 <= self.end_of_text_padding_id < self.first_text_id,
              "special text ids must be below first_text_id"),
-            (self.gap_min > self.context + self.max_delay,
-             f"gap_min={self.gap_min} must exceed context + max_delay = {self.context + self.max_delay}, or "
-             "attention could see the previous occurrence"),
+            (self.gap_min >= self.reach,
+             f"gap_min={self.gap_min} must be >= attention's reach {self.reach} = num_layers*(context-1) + 2 + "
+             "max_delay, or the stacked attention layers could see the previous occurrence"),
             (self.gap_max >= self.gap_min, "gap_max must be >= gap_min"),
             (1 <= self.frames_min <= self.frames_max, "need 1 <= frames_min <= frames_max"),
             (0.0 <= self.word_rate <= 1.0, "word_rate must be in [0, 1]"),
@@ -125,11 +141,17 @@ class SynthConfig:
         kw: dict[str, Any] = {
             "n_q": lm_kwargs["n_q"], "dep_q": lm_kwargs["dep_q"], "card": lm_kwargs["card"],
             "text_card": lm_kwargs["text_card"], "context": lm_kwargs["context"],
+            "num_layers": lm_kwargs["num_layers"],
             "text_padding_id": lm_kwargs.get("existing_text_padding_id", 3),
             "max_delay": max(delays) - min(delays),
         }
         kw.update(overrides)
         return cls(**kw)
+
+    @property
+    def reach(self) -> int:
+        """Attention's reach: a code at frame ``f`` cannot change a prediction of frame ``t >= f + reach``."""
+        return stacked_reach(self.num_layers, self.context, [0, self.max_delay])
 
     @property
     def layout(self) -> CodesLayout:
@@ -230,7 +252,8 @@ def write_corpus(cfg: SynthConfig, out: str | Path, progress: bool = True) -> Pa
     """Write the corpus as an encoded dataset at ``out``; returns ``out``."""
     out = Path(out)
     kind = "control" if cfg.control else "memory"
-    extra = {"synthetic": {**asdict(cfg), "chance_nats": cfg.chance_nats(), "kind": kind}}
+    extra = {"synthetic": {**asdict(cfg), "task": "motif", "reach": cfg.reach, "chance_nats": cfg.chance_nats(),
+                           "kind": kind}}
     produced_by = {"tool": "moshi-ttt synth", "generator": "moshi_ttt.data.synthetic"}
     n_targets = 0
     with EncodedDatasetWriter(out, cfg.layout, produced_by, extra_meta=extra) as writer:

@@ -9,16 +9,33 @@ from pathlib import Path
 
 HELP = """Evaluate a trained checkpoint on held-out files, chunk after chunk, in either memory mode.
 
-Reports per file and chunk the loss (text, audio), the loss on beyond-window recall targets
-(synthetic corpus), and the TTT state drift; --mode both runs the memory kept across the file
-('persistent') and reset every chunk ('reset'), whatever the model was trained with."""
+Reports per file and chunk the per-token loss (cross-entropy in nats averaged over all text and audio
+tokens; training logs a different number, the text loss plus the audio loss), text and audio
+separately, the loss on beyond-window recall targets (synthetic corpus) with its chance level, and the
+TTT state drift; --mode both runs the memory kept across the file ('persistent') and reset every
+chunk ('reset'), whatever the model was trained with.
+
+Output: one JSON per mode, eval_<mode>.json, beside the run by default:
+RUN/eval/<checkpoint>-<data folder>/ (or --out DIR).
+
+Example:
+    moshi-ttt eval runs/tiny_cpu --data data/synth/eval"""
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def default_out(checkpoint: Path, data: str | Path) -> Path:
+    """``RUN/eval/<checkpoint>-<data folder>``: beside the run, one folder per checkpoint and dataset."""
+    return checkpoint.parent.parent / "eval" / f"{checkpoint.name}-{Path(data).resolve().name}"
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data.dataset import EncodedDataset
     from ..train.checkpoint import CheckpointError
     from ..train.loop import load_trained
-    from .evaluate import evaluate, summarize
+    from .evaluate import corpus_kind, evaluate, summarize
 
     try:
         model, cfg, ck = load_trained(args.checkpoint, device=args.device)
@@ -26,41 +43,55 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.chunk_frames is not None and args.chunk_frames < 1:
+        print(f"error: --chunk-frames must be at least 1, got {args.chunk_frames}", file=sys.stderr)
+        return 2
     chunk = args.chunk_frames or cfg.data.chunk_frames
     modes = ["reset", "persistent"] if args.mode == "both" else [args.mode]
     if not model.ttt_layers:
         modes = ["none"]
-    out = Path(args.out)
+    corpus = args.corpus or corpus_kind(ds)
+    out = Path(args.out) if args.out else default_out(Path(ck), args.data)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"evaluating {ck} on {args.data} ({corpus} corpus, {len(ds.files)} files, chunks of {chunk} frames)")
     for mode in modes:
         res = evaluate(model, ds, chunk, lanes=args.lanes, mode=mode, max_files=args.max_files,
                        progress=not args.quiet,
                        meta={"checkpoint": str(ck), "data": str(args.data), "seed": cfg.seed,
                              "train_mode": ("persistent" if cfg.ttt.persistent_states else "reset")
-                             if model.ttt_layers else "none", "arm": args.arm, "corpus": args.corpus})
+                             if model.ttt_layers else "none", "arm": args.arm, "corpus": corpus})
         res["context"] = int(model.transformer.layers[0].self_attn.context)
         path = out / f"eval_{mode}.json"
         path.write_text(json.dumps(res, indent=1))
         s = summarize(res)
-        print(f"{mode:10s} loss {s['loss']:.4f}  later chunks {s['loss_later_chunks']}  "
-              f"recall {s['recall_loss']}  -> {path}")
+        chance = res.get("recall_chance_nats")
+        recall = f"recall-target loss {_fmt(s['recall_loss'])}" + (
+            f" (chance {chance:.4f})" if chance is not None else "") if s["recall_loss"] is not None else ""
+        print(f"memory {mode:10s} per-token loss {_fmt(s['loss'])} (chunks >= 1: {_fmt(s['loss_later_chunks'])})"
+              + (f", {recall}" if recall else "") + f" -> {path}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="per-chunk evaluation of a checkpoint (JSON)", description=HELP,
+    p = sub.add_parser("eval", help="per-chunk evaluation of a checkpoint (JSON beside the run)", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="run folder (newest checkpoint) or checkpoints/step_N")
-    p.add_argument("--data", required=True, help="encoded dataset folder of held-out files")
-    p.add_argument("--mode", choices=["persistent", "reset", "both"], default="both")
-    p.add_argument("--chunk-frames", type=int, default=None, help="default: the training chunk length")
-    p.add_argument("--lanes", type=int, default=4)
-    p.add_argument("--max-files", type=int, default=None)
-    p.add_argument("--out", default="eval_out", help="output folder for eval_<mode>.json")
-    p.add_argument("--arm", default="B", help="arm label written into the JSON")
-    p.add_argument("--corpus", default="real", help="corpus label written into the JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("checkpoint", help="run folder (its newest checkpoint) or RUN/checkpoints/step_N")
+    p.add_argument("--data", required=True, help="encoded dataset folder of held-out files (from synth or prepare)")
+    p.add_argument("--mode", choices=["persistent", "reset", "both"], default="both",
+                   help="memory kept across each file's chunks, reset every chunk, or both (default: both)")
+    p.add_argument("--chunk-frames", type=int, default=None,
+                   help="frames per chunk (12.5 per second; default: the training chunk length)")
+    p.add_argument("--lanes", type=int, default=4, help="files evaluated side by side (batch size; default 4)")
+    p.add_argument("--max-files", type=int, default=None, help="evaluate only the first N files (default: all)")
+    p.add_argument("--out", default=None,
+                   help="output folder for eval_<mode>.json (default: RUN/eval/<checkpoint>-<data folder>)")
+    p.add_argument("--arm", default="B", help="arm label written into the JSON for the experiment report "
+                   "(A: trained with resets, B: trained persistent, C: no TTT; default B)")
+    p.add_argument("--corpus", default=None, choices=["long-memory", "control", "real"],
+                   help="corpus label written into the JSON (default: read from the dataset: synthetic "
+                   "long-memory or control, else real)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: the training device)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     from . import experiment
 

@@ -20,8 +20,35 @@ from ..data.dataset import EncodedDataset
 from ..data.stream import ChunkStream
 from ..model.build import memory_mode, ttt_blocks
 from ..model.chunked import ChunkedLM
+from ..runtime import PeriodicLog, is_terminal
 
 EvalMode = Literal["persistent", "reset", "none"]
+RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
+
+
+LOSS_DEFINITION = "per-token loss: cross-entropy in nats averaged over all text and audio tokens"
+
+
+def corpus_kind(dataset: EncodedDataset) -> str:
+    """``long-memory`` or ``control`` for a synthetic corpus (from its ``dataset.json``), else ``real``."""
+    synth = getattr(dataset, "meta", {}).get("synthetic")
+    if isinstance(synth, dict):
+        if synth.get("task") == "kv":  # the key -> value ladder and its control
+            return "kv-control" if synth.get("control") else "kv"
+        return "control" if synth.get("control") or synth.get("kind") == "control" else "long-memory"
+    return "real"
+
+
+def recall_chance_nats(dataset: EncodedDataset, text_n: float, audio_n: float) -> float | None:
+    """Token-weighted chance level of the recall targets (uniform guess per alphabet), or None.
+
+    Known only for the synthetic corpus, whose ``dataset.json`` records ``chance_nats`` per stream.
+    """
+    synth = getattr(dataset, "meta", {}).get("synthetic")
+    nats = synth.get("chance_nats") if isinstance(synth, dict) else None
+    if not isinstance(nats, dict) or text_n + audio_n <= 0:
+        return None
+    return (text_n * float(nats["text"]) + audio_n * float(nats["audio"])) / (text_n + audio_n)
 
 
 def _lane_drift(model) -> torch.Tensor | None:
@@ -55,11 +82,17 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     device = next(model.parameters()).device
     max_delay = max(model.delays)
     acc: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    recall_text_n = recall_audio_n = 0.0
     num_frames = {f.file_id: f.num_frames for f in files}
     ctx = memory_mode(model, persistent=(mode != "reset"), chunk_frames=chunk_frames)
     with ctx, ChunkedLM(model, lanes) as runner:
         recall_tail = torch.zeros(lanes, max_delay, dtype=torch.bool, device=device)
-        for batch in tqdm(stream, disable=not progress, desc=f"eval ({mode})", unit="chunk"):
+        rung_tail = torch.zeros(lanes, max_delay, dtype=torch.long, device=device)
+        # A bar on a terminal; in a log file, a line a minute instead (never silent, never a bar's redraws).
+        log = PeriodicLog(f"eval ({mode}) chunks", every_s=60.0) if progress else None
+        for batch in tqdm(stream, disable=not (progress and is_terminal()), desc=f"eval ({mode})", unit="chunk"):
+            if log is not None:
+                log.update(1)
             batch = batch.to(device)
             out = runner.step(batch.codes, batch.reset, batch.valid)
             tl = out.losses
@@ -69,6 +102,12 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             idx = (max_delay + out.target_frame).to(device)                        # [1 + dep_q, C]
             rec = ext[:, idx]                                                        # [B, 1 + dep_q, C]
             recall_tail = ext[:, -max_delay:] if max_delay else recall_tail
+            # Ladder corpora: the rung of each token's target frame, mapped like the recall mask.
+            rung = batch.recall_rung if batch.recall_rung is not None else torch.zeros_like(batch.codes[:, 0])
+            rung_tail = torch.where(batch.reset.view(-1, 1), torch.zeros_like(rung_tail), rung_tail)
+            ext_r = torch.cat([rung_tail, rung.to(device)], 1)
+            rr = ext_r[:, idx]                                                       # [B, 1 + dep_q, C]
+            rung_tail = ext_r[:, -max_delay:] if max_delay else rung_tail
             drift = _lane_drift(model)
             for b, fid in enumerate(batch.file_id):
                 if fid is None or not bool(batch.active[b]):
@@ -81,6 +120,14 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
                 rt, ra = rec[b, 0] & tl.text_mask[b], rec[b, 1:] & tl.audio_mask[b]
                 a["recall_sum"] += float((tl.text[b] * rt).sum() + (tl.audio[b] * ra).sum())
                 a["recall_n"] += float(rt.sum() + ra.sum())
+                recall_text_n += float(rt.sum())
+                recall_audio_n += float(ra.sum())
+                for r in RUNGS:
+                    mt, ma = (rr[b, 0] == r) & tl.text_mask[b], (rr[b, 1:] == r) & tl.audio_mask[b]
+                    n_r = float(mt.sum() + ma.sum())
+                    if n_r:
+                        a[f"rung{r}_sum"] += float((tl.text[b] * mt).sum() + (tl.audio[b] * ma).sum())
+                        a[f"rung{r}_n"] += n_r
                 if drift is not None:
                     a["drift"] = float(drift[b])
     if was_training:
@@ -98,9 +145,16 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             "recall_loss": a["recall_sum"] / a["recall_n"] if a["recall_n"] else None,
             "recall_tokens": int(a["recall_n"]),
             "state_drift": a.get("drift"),
+            # Ladder corpora only: per-rung recall loss (per-token mean) and token counts.
+            **{k: v for r in RUNGS if a.get(f"rung{r}_n")
+               for k, v in ((f"rung{r}_loss", a[f"rung{r}_sum"] / a[f"rung{r}_n"]),
+                            (f"rung{r}_tokens", int(a[f"rung{r}_n"])))},
         })
+    chance = recall_chance_nats(dataset, recall_text_n, recall_audio_n)
     return {
         "format": "moshi-ttt-eval", "version": 1, "eval_mode": mode, "chunk_frames": chunk_frames,
+        "loss_definition": LOSS_DEFINITION,
+        **({"recall_chance_nats": chance} if chance is not None else {}),
         "context": getattr(model.transformer.layers[0].self_attn, "context", None),
         **(meta or {}),
         "files": [{"file_id": fid, "num_frames": num_frames[fid], "chunks": chunks}

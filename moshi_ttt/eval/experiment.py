@@ -3,13 +3,14 @@
 For every corpus (by default the synthetic long-memory corpus and its control) and every seed,
 three arms are trained under identical seeds, data order and step counts:
 
-* A: TTT, memory reset every chunk in training (``persistent_states: false``, the seeds' baseline);
+* A: TTT, memory reset every chunk in training (``persistent_states: false``, the baseline);
 * B: TTT, memory carried across the chunks of a file (``persistent_states: true``);
 * C: no TTT; LoRA with about the same number of trainable parameters instead.
 
 A and B are then evaluated in both memory modes (the 2x2 of train mode x eval mode), C once, on
 the same held-out files, and ``report.write_report`` turns the per-file results into statistics
-(paired tests, bootstrap intervals, the seeds' decision rule), plots and ``report.md``.
+(paired tests, bootstrap intervals, the decision rule: keep persistent memory only if it lowers the loss
+significantly and by more than 10%), plots and ``report.md``.
 Training data and evaluation data are disjoint (different generator seeds); nothing is tuned on
 the held-out files.
 """
@@ -27,24 +28,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..data.dataset import EncodedDataset
+from ..data.ladder import LadderConfig, write_ladder
 from ..data.synthetic import SynthConfig, write_corpus
+from ..model.presets import tiny_lm_kwargs
 from ..train.config import ConfigError, TrainConfig, build, read_yaml, to_dict
 from .evaluate import evaluate
+from .ladder import LadderResult, analyse_ladder, ladder_json, ladder_markdown, plot_ladder
+
+CORPUS_KINDS = ("kv", "kv-control", "long-memory", "control", "real")
 
 
 @dataclass
 class CorpusSpec:
-    """A corpus: synthetic (generated into ``out_dir/data`` if missing) or existing encoded folders."""
+    """A corpus: synthetic (generated into ``out_dir/data/<name>`` if missing) or existing encoded
+    folders.
 
-    kind: str = "long-memory"            # "long-memory", "control" (synthetic) or "real"
+    kind: "kv" / "kv-control" (the key -> value ladder, the positive control, and its control),
+        "long-memory" / "control" (the motif corpus and its control) or "real".
+    name: unique name in the run (folders, report); default: the kind.
+    arms: the arms trained on this corpus (default: the experiment's).
+    synth: overrides of ``LadderConfig`` (kv kinds) or ``SynthConfig`` (long-memory kinds); the
+        model's attention stack, the chunk and the span come from the training config.
+    """
+
+    kind: str = "long-memory"
+    name: str | None = None
+    arms: list[str] | None = None
     train: str | None = None             # existing encoded dataset folders (real data)
     eval: str | None = None              # held-out files: used once, for the final evaluation
     val: str | None = None               # monitored during training (never the held-out files)
-    synth: dict[str, Any] = field(default_factory=dict)   # SynthConfig overrides
+    synth: dict[str, Any] = field(default_factory=dict)
     train_files: int = 48
     eval_files: int = 16
     val_files: int = 8
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
 
 
 @dataclass
@@ -68,28 +91,51 @@ def load_experiment_config(path: str | Path | None, overrides: list[str] | None 
     unknown = [a for a in cfg.arms if a not in ARM_TRAIN_MODE]
     if unknown:
         raise ConfigError(f"arms: unknown arm(s) {unknown}; use A, B, C")
+    names = [c.label for c in cfg.corpora]
+    for i, c in enumerate(cfg.corpora):
+        if c.kind not in CORPUS_KINDS:
+            raise ConfigError(f"corpora[{i}].kind: {c.kind!r} is not one of {list(CORPUS_KINDS)}")
+        if names.count(c.label) > 1:
+            raise ConfigError(f"corpora[{i}]: two corpora are named {c.label!r} (their runs and evaluations "
+                              "would overwrite each other); give each a distinct `name`")
+        bad = [a for a in (c.arms or []) if a not in ARM_TRAIN_MODE]
+        if bad:
+            raise ConfigError(f"corpora[{i}].arms: unknown arm(s) {bad}; use A, B, C")
     build(TrainConfig, cfg.train)  # validate the base training config early (names the bad key)
     return cfg
 
 
-def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int) -> tuple[Path, Path | None, Path]:
-    """(train, val, held-out eval) folders."""
+def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int, base: TrainConfig) -> tuple[Path, Path | None, Path]:
+    """(train, val, held-out eval) folders; synthetic ones are generated for the model of ``base``
+    (its attention reach, chunk and training span) if missing."""
     if spec.kind == "real":
         if not (spec.train and spec.eval):
             raise ConfigError("corpora: a 'real' corpus needs train and eval (encoded dataset folders)")
         return Path(spec.train), Path(spec.val) if spec.val else None, Path(spec.eval)
-    control = spec.kind == "control"
-    base = root / "data" / spec.kind
+    if base.model.preset != "tiny":
+        raise ConfigError(f"corpora: a synthetic corpus ({spec.kind}) needs the tiny preset (its layout); "
+                          "use kind: real for data encoded for other models")
+    lm_kwargs = tiny_lm_kwargs(**base.model.lm_overrides)
+    control = spec.kind in ("control", "kv-control")
+    folder = root / "data" / spec.label
     # Train, validation and held-out files come from different generator seeds.
     splits = (("train", spec.train_files, 1000 + seed), ("val", spec.val_files, 3000 + seed),
               ("eval", spec.eval_files, 2000 + seed))
     for split, n, s in splits:
-        out = base / f"{split}_seed{seed}"
+        out = folder / f"{split}_seed{seed}"
         if n and not (out / "index.jsonl").is_file():
-            scfg = SynthConfig(**{**spec.synth, "seed": s, "num_files": n, "control": control})
-            write_corpus(scfg, out, progress=False)
-    val = base / f"val_seed{seed}" if spec.val_files else None
-    return base / f"train_seed{seed}", val, base / f"eval_seed{seed}"
+            over = {**spec.synth, "seed": s, "num_files": n, "control": control}
+            try:
+                if spec.kind.startswith("kv"):
+                    lcfg = LadderConfig.from_lm_kwargs(lm_kwargs, chunk_frames=base.data.chunk_frames,
+                                                       span_chunks=base.bptt_chunks, **over)
+                    write_ladder(lcfg, out, progress=False)
+                else:
+                    write_corpus(SynthConfig.from_lm_kwargs(lm_kwargs, **over), out, progress=False)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"corpora ({spec.label}).synth: {e}") from e
+    val = folder / f"val_seed{seed}" if spec.val_files else None
+    return folder / f"train_seed{seed}", val, folder / f"eval_seed{seed}"
 
 
 def _count_trainable(cfg: TrainConfig) -> int:
@@ -143,12 +189,17 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
     eval_paths: list[Path] = []
     logs: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
+    ladder_evals: dict[str, list[Path]] = {}
+    chance: dict[str, float] = {}
     for spec in cfg.corpora:
         for seed in cfg.seeds:
-            train_dir, val_dir, eval_dir = _corpus_dirs(spec, out, seed)
+            train_dir, val_dir, eval_dir = _corpus_dirs(spec, out, seed, base_train)
             eval_ds = EncodedDataset(eval_dir)
-            for arm in cfg.arms:
-                run_dir = out / "runs" / spec.kind / f"seed{seed}" / arm
+            syn = eval_ds.meta.get("synthetic") or {}
+            if spec.kind.startswith("kv"):
+                chance[spec.label] = float(np.mean(syn["chance_nats"]["per_row"]))
+            for arm in spec.arms or cfg.arms:
+                run_dir = out / "runs" / spec.label / f"seed{seed}" / arm
                 acfg = arm_config(base_train, arm, run_dir, rank)
                 acfg.seed = seed
                 acfg.model.init_seed = seed
@@ -162,24 +213,62 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
                     trainer = Trainer(acfg, resume=(run_dir / "checkpoints").is_dir())
                     trainer.train()
                     trainer.close()
-                logs[f"{arm}" if len(cfg.corpora) * len(cfg.seeds) == 1 else f"{arm}/{spec.kind}/s{seed}"] = \
+                logs[f"{arm}" if len(cfg.corpora) * len(cfg.seeds) == 1 else f"{arm}/{spec.label}/s{seed}"] = \
                     read_metrics(run_dir)
                 model, tcfg, ck = load_trained(run_dir)
                 modes = ["none"] if arm == "C" else ["reset", "persistent"]
                 for mode in modes:
-                    path = out / "evals" / f"{spec.kind}_seed{seed}_{arm}_{mode}.json"
+                    path = out / "evals" / f"{spec.label}_seed{seed}_{arm}_{mode}.json"
                     if not path.is_file():
                         res = evaluate(model, eval_ds, tcfg.data.chunk_frames, lanes=cfg.eval_lanes, mode=mode,
                                        meta={"arm": arm, "train_mode": ARM_TRAIN_MODE[arm], "seed": seed,
-                                             "checkpoint": str(ck), "data": str(eval_dir), "corpus": spec.kind})
+                                             "checkpoint": str(ck), "data": str(eval_dir), "corpus": spec.kind,
+                                             "corpus_name": spec.label})
                         res["context"] = int(model.transformer.layers[0].self_attn.context)
                         path.parent.mkdir(parents=True, exist_ok=True)
                         path.write_text(json.dumps(res))
                     eval_paths.append(path)
+                    if spec.kind.startswith("kv"):
+                        ladder_evals.setdefault(spec.label, []).append(path)
     config = {"experiment": dataclasses.asdict(cfg), "train_base": to_dict(base_train), "lora_rank_C": rank}
-    report = write_report(out / "report", load_evals(eval_paths), logs, config, command, n_boot=cfg.n_boot)
+    from ..runtime import run_facts
+
+    report = write_report(out / "report", load_evals(eval_paths), logs, config, command, n_boot=cfg.n_boot,
+                          facts=run_facts(wall_time_s=time.perf_counter() - t0))
+    if ladder_evals:
+        kinds = {c.label: c.kind for c in cfg.corpora}
+        results = [analyse_ladder(load_evals(paths), name, chance[name], kinds[name] == "kv-control",
+                                  n_boot=min(cfg.n_boot, 2000)) for name, paths in ladder_evals.items()]
+        prepend_ladder(report, results)
+        for r in results:
+            print(f"[{time.perf_counter() - t0:6.0f}s] {r.corpus}: {r.verdict}")
     print(f"[{time.perf_counter() - t0:6.0f}s] report: {report}")
     return report
+
+
+def prepend_ladder(report: Path, results: list[LadderResult]) -> None:
+    """Put the positive control's verdict at the top of ``report`` (report.md): every other result
+    of the run is read in its light. Writes ``ladder.json`` and one plot per ladder corpus beside it."""
+    positive = [r for r in results if not r.control]
+    controls = [r for r in results if r.control]
+    lines = ["## Can this run see a memory? (positive control)", ""]
+    for r in results:
+        lines.append(f"- **{r.corpus}**: {r.verdict}.")
+    if positive and all(r.passed for r in positive) and all(r.passed for r in controls):
+        lines += ["", "The apparatus detects a memory that helps, and nothing where there is nothing to remember: "
+                  "the results on the other corpora below can be read as evidence either way."]
+    elif positive:
+        lines += ["", "**The apparatus could not detect memory in this run** (positive control not passed"
+                  + (", or its control failed" if controls else "") + "): a null result on the other corpora "
+                  "below is no evidence that memory does not help."]
+    lines.append("")
+    for r in results:
+        plot = plot_ladder(r, report.parent / f"ladder_{r.corpus}.png").name
+        lines += ladder_markdown(r, plot)
+    (report.parent / "ladder.json").write_text(json.dumps([ladder_json(r) for r in results], indent=2))
+    text = report.read_text().splitlines()
+    title = 1 if text and text[0].startswith("# ") else 0
+    report.write_text("\n".join(text[:title] + [""] + lines + text[title:]) + "\n")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def _band(ax: Any, curve: ChunkCurve, label: str, color: str | None = None) -> N
 
 
 def plot_loss_by_chunk(curves: Mapping[str, ChunkCurve], path: str | Path, title: str = "Loss by chunk",
-                       ylabel: str = "mean loss per token", differences: Mapping[str, ChunkCurve] | None = None,
+                       ylabel: str = "per-token loss (nats)", differences: Mapping[str, ChunkCurve] | None = None,
                        reference: str | None = None) -> Path:
     """Mean loss vs chunk index, one line per condition (arm / eval mode), 95% CI bands across files.
 
@@ -87,34 +87,65 @@ def plot_loss_by_chunk(curves: Mapping[str, ChunkCurve], path: str | Path, title
     return _save(fig, path)
 
 
+def _padded(lo: float, hi: float, frac: float = 0.15) -> tuple[float, float]:
+    """Axis limits around ``[lo, hi]`` with a margin, never of zero width."""
+    span = hi - lo if hi > lo else max(abs(hi), 1.0) * 0.01
+    return lo - frac * span, hi + frac * span
+
+
+def metric_limits(values: Sequence[MeanCI], chance: float | None = None) -> tuple[float, float]:
+    """y limits of a per-arm plot: every mean, CI bound and the chance line, with a margin (not from 0)."""
+    extent = [v for ci in values for v in (ci.mean, ci.low, ci.high) if v is not None]
+    extent += [chance] if chance is not None else []
+    return _padded(min(extent), max(extent)) if extent else (0.0, 1.0)
+
+
+def contrast_limits(comparisons: Sequence[Comparison]) -> tuple[float, float]:
+    """x limits (percent) of the forest plot: 0, every estimate and CI bound, with a margin."""
+    xs = [0.0] + [100 * v for c in comparisons for v in (c.rel_change, c.rel_ci_low, c.rel_ci_high)
+                  if v is not None]
+    return _padded(min(xs), max(xs))
+
+
 def plot_metric_bars(values: Mapping[str, MeanCI], path: str | Path, title: str = "Recall-target loss",
-                     ylabel: str = "mean recall-target loss per token") -> Path:
-    """Bars of a per-file metric's mean per condition with 95% CI error bars (n files annotated)."""
+                     ylabel: str = "mean recall-target loss per token (nats)", chance: float | None = None) -> Path:
+    """Mean of a per-file metric per condition, 95% CI error bars, ``n`` files in the tick labels.
+
+    Points rather than bars, on an axis sized to the data (and to the chance line when given): the
+    arms differ by a few percent, which bars from zero would hide.
+
+    Args:
+        chance: the metric's chance level (a uniform guess), drawn as a labelled horizontal line.
+    """
     labels = [k for k, v in values.items() if v.mean is not None]
     fig = Figure(figsize=(max(4.5, 1.1 * len(labels) + 2), 4.5))
     ax = fig.add_subplot()
     means = np.array([values[k].mean for k in labels], dtype=float)
-    err = np.array([[m - (values[k].low if values[k].low is not None else m),
-                     (values[k].high if values[k].high is not None else m) - m]
-                    for k, m in zip(labels, means)], dtype=float).reshape(-1, 2).T
+    lows = np.array([values[k].low if values[k].low is not None else m for k, m in zip(labels, means)], dtype=float)
+    highs = np.array([values[k].high if values[k].high is not None else m for k, m in zip(labels, means)],
+                     dtype=float)
     xpos = np.arange(len(labels))
-    colors = [f"C{i}" for i in range(len(labels))]
-    ax.bar(xpos, means, yerr=err if len(labels) else None, capsize=5, color=colors, alpha=0.8)
-    for i, k in enumerate(labels):
-        # Inside the bar, at its base: clear of the error bar.
-        ax.annotate(f"n={values[k].n}", (xpos[i], 0), xytext=(0, 4), textcoords="offset points", ha="center",
-                    va="bottom", fontsize=8, color="white")
-    ax.set_xticks(xpos, labels, rotation=20)
+    for i in range(len(labels)):
+        ax.errorbar([xpos[i]], [means[i]], yerr=[[means[i] - lows[i]], [highs[i] - means[i]]], fmt="o",
+                    capsize=5, color=f"C{i}", markersize=7)
+    if chance is not None:
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1.0,
+                   label=f"chance (uniform guess): {chance:.3f}")
+        ax.legend(fontsize=8, loc="best")
+    if labels:
+        ax.set_ylim(*metric_limits([values[k] for k in labels], chance))
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_xticks(xpos, [f"{k}\n(n={values[k].n})" for k in labels], rotation=0, fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title + "\n(mean over files, error bars: 95% CI)")
+    ax.set_title(title + "\n(mean over files, error bars: 95% CI; axis does not start at 0)")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
-def plot_recall_loss(values: Mapping[str, MeanCI], path: str | Path, title: str = "Recall-target loss per arm"
-                     ) -> Path:
-    """Recall-target loss per condition: bars with 95% CI across files."""
-    return plot_metric_bars(values, path, title=title)
+def plot_recall_loss(values: Mapping[str, MeanCI], path: str | Path, title: str = "Recall-target loss per arm",
+                     chance: float | None = None) -> Path:
+    """Recall-target loss per condition with 95% CI across files and the chance line."""
+    return plot_metric_bars(values, path, title=title, chance=chance)
 
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +182,8 @@ def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
     """
     keys = ["loss"] + [k for k in ("ttt_state_drift", "gate_mean")
                        if any(_series(rows, k)[0].size for rows in logs.values())]
-    ylabels = {"loss": "training loss", "ttt_state_drift": "TTT state drift", "gate_mean": "mean gate tanh(alpha)"}
+    ylabels = {"loss": "training loss (text + audio)", "ttt_state_drift": "TTT state drift",
+               "gate_mean": "mean gate tanh(alpha)"}
     fig = Figure(figsize=(7.5, 3.2 * len(keys)))
     axes = [fig.add_subplot(len(keys), 1, i + 1) for i in range(len(keys))]
     longest = max((len(rows) for rows in logs.values()), default=0)
@@ -205,7 +237,7 @@ def plot_per_position(per_position: Mapping[str, PerPosition], path: str | Path,
     for label, pp in per_position.items():
         ax.plot(pp.bins, pp.loss, marker="o", markersize=3, label=label, **_style(label))
     ax.set_xlabel("frame position within chunk (bin start)")
-    ax.set_ylabel("mean loss per token")
+    ax.set_ylabel("per-token loss (nats)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if per_position:
@@ -213,31 +245,50 @@ def plot_per_position(per_position: Mapping[str, PerPosition], path: str | Path,
     return _save(fig, path)
 
 
+DECISION_COLORS = {"keep": ("tab:green", "keep (significant, beyond the threshold)"),
+                   "hurts": ("tab:red", "hurts (significantly worse)")}
+OTHER_DECISION = ("tab:gray", "no decision (not significant, below threshold or mixed)")
+
+
 def plot_contrasts(comparisons: Mapping[str, Comparison], path: str | Path,
                    title: str = "Relative change of loss (Y vs X)", threshold: float = 0.10) -> Path:
-    """Forest plot: relative change with bootstrap 95% CI per contrast; lines at 0 and -threshold.
+    """Forest plot: relative change with bootstrap 95% CI per contrast, line at 0.
 
-    Left of the dashed line is the region where the decision rule can keep persistence (if the
-    Wilcoxon test is also significant).
+    The x axis is sized to the estimates and their intervals; the decision threshold (-threshold) is
+    drawn when it falls inside that range and named in the title otherwise. The legend lists exactly
+    the colours drawn (one per decision present).
     """
+    from matplotlib.lines import Line2D
+
     labels = list(comparisons)
     fig = Figure(figsize=(7.5, 0.55 * len(labels) + 1.8))
     ax = fig.add_subplot()
+    used: dict[str, tuple[str, str]] = {}
     for i, k in enumerate(labels):
         c = comparisons[k]
         if c.rel_change is None:
             continue
         y = len(labels) - 1 - i
-        color = {"keep": "tab:green", "hurts": "tab:red"}.get(c.decision, "tab:gray")
+        color, meaning = DECISION_COLORS.get(c.decision, OTHER_DECISION)
+        used[color] = (color, meaning)
         if c.rel_ci_low is not None and c.rel_ci_high is not None:
             ax.plot([100 * c.rel_ci_low, 100 * c.rel_ci_high], [y, y], color=color, linewidth=2)
         ax.plot([100 * c.rel_change], [y], "o", color=color)
+    lo, hi = contrast_limits(list(comparisons.values()))
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.axvline(-100 * threshold, color="tab:green", linestyle="--", linewidth=0.8,
-               label=f"-{threshold:.0%} (decision threshold)")
+    handles = [Line2D([], [], color=c, marker="o", linewidth=2, label=m) for c, m in used.values()]
+    thr = -100 * threshold
+    if lo <= thr <= hi:
+        handles.append(ax.axvline(thr, color="black", linestyle="--", linewidth=0.8,
+                                  label=f"-{threshold:.0%} (decision threshold)"))
+        where = ""
+    else:
+        where = f"; decision threshold -{threshold:.0%} is off this scale"
+    ax.set_xlim(lo, hi)
     ax.set_yticks(range(len(labels)), labels[::-1], fontsize=8)
     ax.set_xlabel("relative change of mean loss, % ((Y - X) / X; negative = Y better)")
-    ax.set_title(title + "\n(dot: estimate, bar: bootstrap 95% CI; green = keep, red = hurts)")
+    ax.set_title(title + f"\n(dot: estimate, bar: bootstrap 95% CI{where})")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="best")
     return _save(fig, path)

@@ -8,14 +8,14 @@ label                  train_mode    eval_mode    meaning
 =====================  ============  ===========  ==================================================
 B-persistent           persistent    persistent   the full persistent-memory system
 B-reset                persistent    reset        same weights, memory reset every chunk
-A-reset                reset         reset        the seeds' baseline (persistent_states=False)
+A-reset                reset         reset        the baseline: memory reset every chunk
 A-persistent           reset         persistent   baseline weights, memory carried at evaluation
 C                      none          none         no TTT
 =====================  ============  ===========  ==================================================
 
 Primary contrasts (Y vs X, differences Y - X, lower loss is better):
 (i) B-persistent vs B-reset: memory at evaluation, same weights;
-(ii) B-persistent vs A-reset: the seeds' A/B experiment, which decides (the headline);
+(ii) B-persistent vs A-reset: persistent vs reset memory, each trained as evaluated (the headline);
 (iii) B-persistent vs C: TTT vs no TTT.
 Secondary (descriptive): (iv) A-persistent vs A-reset, (v) A-reset vs C.
 
@@ -23,9 +23,15 @@ Each contrast is computed on both per-file metrics (later-chunk loss, recall-tar
 corpus. The headline decision is contrast (ii) on the *primary metric*: the recall-target loss
 when the corpus has recall targets (they are what long-term memory is for), otherwise the
 later-chunk loss. Only that one pre-specified test drives the decision; all other p-values are
-descriptive (no multiple-comparison correction). Seeds: per-file values are averaged over the
-seeds of a condition before the paired test (files are the unit); per-seed results are reported
-alongside as the spread across seeds.
+descriptive (no multiple-comparison correction). Training seeds: per-file values are averaged over
+the training seeds of a condition before the paired test (files are the unit); per-seed results are
+reported alongside as the spread across training seeds.
+
+Chance: a recall target cannot be predicted from the attention window, so a model without a working
+memory is at best at chance on it (the entropy of a uniform guess, ``ln 60`` nats for text and
+``ln 64`` for audio on the tiny synthetic corpus; the evaluator records the token-weighted value as
+``recall_chance_nats``). When no arm is below chance (:func:`chance_verdict`), the comparisons of
+arms cannot say whether memory helps, and the report says so in its first lines instead of a decision.
 """
 
 from __future__ import annotations
@@ -86,8 +92,8 @@ class Contrast:
 CONTRASTS: tuple[Contrast, ...] = (
     Contrast("i", B_RESET, B_PERSISTENT, "memory at evaluation: same weights (trained persistent), memory carried "
              "vs reset every chunk", "persistence", True),
-    Contrast("ii", A_RESET, B_PERSISTENT, "the full persistent system vs the seeds' baseline (trained and evaluated "
-             "with resets)", "persistence", True),
+    Contrast("ii", A_RESET, B_PERSISTENT, "the full persistent system vs the baseline trained and evaluated with "
+             "the memory reset every chunk", "persistence", True),
     Contrast("iii", NO_TTT, B_PERSISTENT, "persistent TTT vs no TTT", "persistent TTT", True),
     Contrast("iv", A_RESET, A_PERSISTENT, "memory carried at evaluation by weights trained with resets",
              "persistence", False),
@@ -95,6 +101,53 @@ CONTRASTS: tuple[Contrast, ...] = (
 )
 HEADLINE = "ii"
 N_BOOT_PER_SEED = 2000
+# An arm has learned the recall targets only if its whole 95% CI lies this far (relative) below chance.
+CHANCE_MARGIN = 0.01
+AT_CHANCE_STATEMENT = ("no arm learned the recall targets (all at chance): this run cannot tell whether memory "
+                       "helps")
+
+
+# ---- chance level -----------------------------------------------------------------------------
+
+
+def chance_level(results: Sequence[EvalResult]) -> float | None:
+    """The recall-target loss of a uniform guess, as recorded by the evaluator, or None if unknown.
+
+    ``recall_chance_nats`` is the token-weighted entropy of a uniform guess over each recall token's
+    alphabet (text or audio). Results that disagree (different corpora layouts) give their mean,
+    which is still the right reference to within the spread of the recall token mix.
+    """
+    values = [r.extra.get("recall_chance_nats") for r in results]
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def learned_recall(ci: MeanCI, chance: float, margin: float = CHANCE_MARGIN) -> bool:
+    """True if an arm's recall-target loss is credibly below chance: its 95% CI upper bound (its mean
+    when there is no CI) lies more than ``margin`` (relative) below the chance level."""
+    top = ci.high if ci.high is not None else ci.mean
+    return top is not None and top < chance * (1 - margin)
+
+
+def chance_verdict(recall: Mapping[str, MeanCI], chance: float | None, margin: float = CHANCE_MARGIN
+                   ) -> str | None:
+    """The at-chance statement when no arm learned the recall targets, else None.
+
+    Args:
+        recall: ``{arm label: recall-target loss across files}`` for every arm evaluated.
+        chance: the recall targets' chance level in nats (:func:`chance_level`); None (unknown)
+            never produces a statement.
+        margin: relative distance below chance that counts as learned (:func:`learned_recall`).
+
+    Comparisons between arms that are all at chance measure noise in how each arm misses, not
+    memory, so callers print this statement instead of a decision.
+    """
+    arms = [ci for ci in recall.values() if ci.mean is not None]
+    if chance is None or not arms:
+        return None
+    if any(learned_recall(ci, chance, margin) for ci in arms):
+        return None
+    return AT_CHANCE_STATEMENT
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -173,7 +226,8 @@ def _group(evals: Sequence[EvalResult]) -> dict[str, _Corpus]:
     """Group results by corpus and condition; check that arms and seeds are unambiguous."""
     corpora: dict[str, _Corpus] = {}
     for r in evals:
-        c = corpora.setdefault(r.corpus, _Corpus(r.corpus, {}, {}, []))
+        name = str(r.extra.get("corpus_name") or r.corpus)  # two corpora of one kind stay apart
+        c = corpora.setdefault(name, _Corpus(name, {}, {}, []))
         c.groups.setdefault(r.condition, []).append(r)
     for c in corpora.values():
         for cond, rs in c.groups.items():
@@ -294,16 +348,23 @@ def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plot
     contrasts = [_analyse_contrast(c, con, m, n_boot, seed) for con in CONTRASTS for m in METRIC_ORDER]
     primary = _primary_metric(contrasts)
     head = _find(contrasts, HEADLINE, primary)
+    chance = chance_level([r for rs in c.groups.values() for r in rs])
+    at_chance = chance_verdict(bars["recall_loss"], chance)
     headline = {"contrast": HEADLINE, "metric": primary,
                 "decision": None if head is None or head["comparison"] is None else head["comparison"].decision,
                 "verdict": (head["comparison"].verdict if head is not None and head["comparison"] is not None
-                            else f"not decided: {head['skipped'] if head else 'contrast missing'}")}
+                            else f"not decided: {head['skipped'] if head else 'contrast missing'}"),
+                "at_chance": at_chance is not None}
+    if at_chance is not None and primary == "recall_loss":
+        # A decision between arms that all miss the targets equally would be read as evidence.
+        headline["decision"] = None
+        headline["verdict"] = at_chance
 
     figures: dict[str, str] = {}
     if make_plots:
         slug = c.name
         if loss_curves:
-            # Differences from the seeds' baseline (A-reset), or from the first condition present.
+            # Differences from the baseline (A-reset: memory reset every chunk), or the first condition present.
             ref = A_RESET if A_RESET in c.groups else conds[0]
             diffs = {c.labels[k]: d for k in conds if k != ref
                      and (d := paired_chunk_curve(c.groups[ref], c.groups[k], "loss")) is not None}
@@ -313,11 +374,11 @@ def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plot
         if bars["recall_loss"]:
             figures["recall_loss"] = plots.plot_recall_loss(
                 bars["recall_loss"], out_dir / f"recall_loss_{slug}.png",
-                title=f"Recall-target loss per arm ({c.name} corpus)").name
+                title=f"Recall-target loss per arm ({c.name} corpus)", chance=chance).name
         if bars["later_chunk_loss"]:
             figures["later_chunk_loss"] = plots.plot_metric_bars(
                 bars["later_chunk_loss"], out_dir / f"later_chunk_loss_{slug}.png",
-                title=f"Later-chunk loss per arm ({c.name} corpus)", ylabel="mean loss per token, chunks >= 1").name
+                title=f"Later-chunk loss per arm ({c.name} corpus)", ylabel="per-token loss (nats), chunks >= 1").name
         if drift_curves:
             figures["state_drift"] = plots.plot_state_drift(
                 drift_curves, out_dir / f"state_drift_{slug}.png",
@@ -333,6 +394,7 @@ def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plot
                 forest, out_dir / f"contrasts_{slug}.png",
                 title=f"Relative change, Y vs X ({c.name} corpus)", threshold=MIN_REL_IMPROVEMENT).name
     return {"conditions": summary, "contrasts": contrasts, "headline": headline, "primary_metric": primary,
+            "chance": {"recall_loss": chance, "margin": CHANCE_MARGIN, "statement": at_chance},
             "figures": figures, "notes": c.notes}
 
 
@@ -421,8 +483,16 @@ def _corpus_md(name: str, res: dict[str, Any]) -> list[str]:
     L = [f"## Corpus: {name}", ""]
     head = res["headline"]
     L += [f"**Decision (contrast ({head['contrast']}), {METRIC_TITLES[head['metric']]}):** {head['verdict']}", ""]
+    ch = res.get("chance", {})
+    if ch.get("recall_loss") is not None:
+        L += [f"Chance level of the recall-target loss: {fmt_loss(ch['recall_loss'])} nats per token (a uniform "
+              "guess; no model without a working memory can do better). An arm counts as having learned the "
+              f"recall targets only if its 95% CI lies more than {ch['margin']:.0%} below it."
+              + (" **No arm did.**" if ch.get("statement") else ""), ""]
+    elif any(s_["recall_loss"].mean is not None for s_ in res["conditions"].values()):
+        L += ["Chance level of the recall-target loss: unknown (not recorded in the evaluation files).", ""]
     L += ["### Conditions", "",
-          "| condition | role | train mode | eval mode | seeds | files | later-chunk loss [95% CI] | "
+          "| condition | role | train mode | eval mode | training seeds | files | later-chunk loss [95% CI] | "
           "recall-target loss [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for label, s in res["conditions"].items():
         L.append(f"| {label} | {s['role']} | {s['train_mode']} | {s['eval_mode']} | "
@@ -454,7 +524,9 @@ def _corpus_md(name: str, res: dict[str, Any]) -> list[str]:
         L += ["Verdicts of the decision rule (primary contrasts):", ""]
         for e in verdicts:
             c = e["comparison"]
-            L.append(f"- ({e['id']}) {METRIC_TITLES[e['metric']]}: {c.verdict}.")
+            caveat = (" (descriptive only: every arm is at chance on the recall targets)"
+                      if ch.get("statement") and e["metric"] == "recall_loss" else "")
+            L.append(f"- ({e['id']}) {METRIC_TITLES[e['metric']]}: {c.verdict}{caveat}.")
         L.append("")
     seeded = [e for e in res["contrasts"] if e["seed_spread"] is not None]
     if seeded:
@@ -490,14 +562,23 @@ def _conclusion(corpora: dict[str, dict[str, Any]], sanity: dict[str, Any] | Non
     res = corpora[deciding]
     head = res["headline"]
     m = METRIC_TITLES[head["metric"]]
-    L += [f"**Verdict: {head['verdict']}.**", "",
-          f"This is the decision rule applied on the {deciding} corpus to the seeds' experiment (contrast (ii): "
-          f"trained and evaluated persistent vs trained and evaluated with resets), on the {m}."]
+    if head.get("at_chance") and head["metric"] == "recall_loss":
+        L += [f"**Verdict: {head['verdict']}.**", "",
+              f"On the {deciding} corpus no arm's {m} is credibly below its chance level "
+              f"({fmt_loss(res['chance']['recall_loss'])} nats; at or above it counts as chance): no model "
+              "learned to recall, so differences "
+              "between arms measure how each one misses, not memory. The comparisons below are descriptive "
+              "only; train longer, with more files or real weights, until at least one arm is below chance."]
+    else:
+        L += [f"**Verdict: {head['verdict']}.**", "",
+              f"This is the decision rule applied on the {deciding} corpus to the main comparison (contrast (ii): "
+              f"memory carried across chunks in training and evaluation vs reset every chunk in both), on the {m}."]
     if deciding == "control":
         L.append("(Only the control corpus was evaluated: it cannot show a memory effect by construction, so this "
                  "is not evidence about memory.)")
-    for cid, what in (("i", "Carrying the memory at evaluation with the same weights (i)"),
-                      ("iii", "Compared with no TTT (iii)")):
+    descriptive = "Descriptive only: " if head.get("at_chance") and head["metric"] == "recall_loss" else ""
+    for cid, what in (("i", f"{descriptive}Carrying the memory at evaluation with the same weights (i)"),
+                      ("iii", f"{descriptive}Compared with no TTT (iii)")):
         e = _find(res["contrasts"], cid, head["metric"])
         if e is None or e["comparison"] is None:
             L.append(f"{what}: not measured ({e['skipped'] if e else 'missing'}).")
@@ -512,24 +593,36 @@ def _conclusion(corpora: dict[str, dict[str, Any]], sanity: dict[str, Any] | Non
             L.append(f"On the {METRIC_TITLES[other]}, all tokens, contrast (ii): "
                      f"{e['comparison'].verdict}.")
     if sanity is not None:
-        L.append(sanity["statement"])
+        L.append(descriptive + sanity["statement"])
     for name, r in corpora.items():
         if name != deciding and not (name == "control" and sanity is not None):
             L.append(f"On the {name} corpus: {r['headline']['verdict']}.")
-    L += ["", f"Decision rule (seed 004): persistence is kept only if the persistent arm is better with two-sided "
-          f"Wilcoxon signed-rank p < {ALPHA:g} and by more than {MIN_REL_IMPROVEMENT:.0%} relative (mean over "
-          "files); otherwise the simpler arm is kept. Only the headline test decides; the other p-values are "
+    L += ["", f"Decision rule: persistent memory is kept only if the persistent arm has the lower loss with a "
+          f"two-sided Wilcoxon signed-rank p < {ALPHA:g} and by more than {MIN_REL_IMPROVEMENT:.0%} relative "
+          "(mean over files); otherwise the simpler arm (memory reset every chunk) is kept. Only the headline test "
+          "decides, and only when some arm is below chance on the recall targets; the other p-values are "
           "descriptive and not corrected for multiple comparisons.", ""]
     overall = {"corpus": deciding, "contrast": HEADLINE, "metric": head["metric"], "decision": head["decision"],
-               "verdict": head["verdict"]}
+               "verdict": head["verdict"], "at_chance": bool(head.get("at_chance"))}
     return L, overall
+
+
+def _fact(key: str, value: Any) -> str:
+    if value is None:
+        return "unknown"
+    if key == "wall_time_s" and isinstance(value, (int, float)):
+        return f"{value:.0f} s ({value / 60:.1f} min)"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
 
 
 # ---- entry point ------------------------------------------------------------------------------
 
 
 def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[str, list[dict]] | None,
-                 config: dict, command: str, *, n_boot: int = 10000, seed: int = 0, make_plots: bool = True) -> Path:
+                 config: dict, command: str, *, n_boot: int = 10000, seed: int = 0, make_plots: bool = True,
+                 facts: Mapping[str, Any] | None = None) -> Path:
     """Analyse evaluation results and write ``results.json``, ``report.md`` and PNGs into ``out_dir``.
 
     Args:
@@ -540,6 +633,8 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
         command: the exact command that produced the results (quoted in the report).
         n_boot, seed: bootstrap resamples and random seed.
         make_plots: False skips the PNGs (numbers only).
+        facts: run facts (wall time, versions, hardware, load, commit) from
+            :func:`moshi_ttt.runtime.run_facts`; None gathers them now (without a wall time).
 
     Returns:
         the path of ``report.md``.
@@ -553,6 +648,10 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
     sanity = _sanity(corpora)
     conclusion, overall = _conclusion(corpora, sanity)
 
+    if facts is None:
+        from ..runtime import run_facts
+
+        facts = run_facts()
     train = _train_summary(train_logs) if train_logs else None
     train_fig = None
     if train_logs and make_plots:
@@ -563,22 +662,29 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
                                  "min_rel_improvement": MIN_REL_IMPROVEMENT, "headline_contrast": HEADLINE,
                                  "n_boot": n_boot, "bootstrap_seed": seed},
                "contrasts": [asdict(con) for con in CONTRASTS], "overall": overall, "sanity_check": sanity,
-               "corpora": corpora, "training": train, "training_figure": train_fig,
+               "corpora": corpora, "training": train, "training_figure": train_fig, "run_facts": dict(facts),
                "inputs": [{"arm": r.arm, "label": r.label, "train_mode": r.train_mode, "eval_mode": r.eval_mode,
                            "seed": r.seed, "corpus": r.corpus, "checkpoint": r.checkpoint, "data": r.data,
                            "chunk_frames": r.chunk_frames, "context": r.context, "n_files": len(r.files)}
                           for r in evals]}
     (out_dir / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
 
-    L = ["# Persistent TTT memory: experiment report", "",
-         "Does carrying the TTT memory state across chunks of a long recording (persistent) help, hurt, or do "
-         "nothing, compared with resetting it every chunk, and with no TTT at all?", ""]
+    L = ["# Persistent TTT memory: experiment report", ""]
+    if overall.get("at_chance"):
+        # First thing a reader sees: nothing below can be read as a decision.
+        L += [f"**{AT_CHANCE_STATEMENT[0].upper() + AT_CHANCE_STATEMENT[1:]}.**", ""]
+    L += ["Does carrying the TTT memory state across chunks of a long recording (persistent) help, hurt, or do "
+          "nothing, compared with resetting it every chunk, and with no TTT at all?", "",
+          "Every loss in this report is a per-token loss: cross-entropy in nats averaged over the tokens "
+          "concerned (all text and audio tokens, or the recall targets only), lower is better. The training "
+          "table is the exception: the training loss is the text loss plus the audio loss.", ""]
     L += conclusion
     for name, res in corpora.items():
         L += _corpus_md(name, res)
     if train is not None:
         L += ["## Training", "",
-              "| arm | logged rows | last step | final loss (mean of last 10%) | non-finite losses |",
+              "| arm | logged rows | last step | final training loss, text + audio (mean of last 10%) | "
+              "non-finite losses |",
               "|---|---|---|---|---|"]
         for arm, t in train.items():
             L.append(f"| {arm} | {t['rows']} | {t['last_step']} | {fmt_loss(t['final_loss'])} | "
@@ -586,7 +692,9 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
         L.append("")
         if train_fig:
             L += [f"![Training curves]({train_fig})", ""]
-    L += ["## Configuration", "", "```json", json.dumps(_clean(config), indent=1), "```", "",
+    L += ["## Run facts", "", "| fact | value |", "|---|---|"]
+    L += [f"| {k.replace('_', ' ')} | {_fact(k, v)} |" for k, v in facts.items()]
+    L += ["", "## Configuration", "", "```json", json.dumps(_clean(config), indent=1), "```", "",
           "## Command", "", "```", command, "```", "",
           "## Inputs", "", "| label | seed | corpus | checkpoint | data | chunk frames | context | files |",
           "|---|---|---|---|---|---|---|---|"]

@@ -32,9 +32,9 @@ FORMAT = "moshi-ttt-eval"
 VERSION = 1
 
 Mode = Literal["persistent", "reset", "none"]
-Corpus = Literal["long-memory", "control", "real"]
+Corpus = Literal["long-memory", "control", "kv", "kv-control", "real"]
 MODES: tuple[str, ...] = ("persistent", "reset", "none")
-CORPORA: tuple[str, ...] = ("long-memory", "control", "real")
+CORPORA: tuple[str, ...] = ("long-memory", "control", "kv", "kv-control", "real")
 
 
 class SchemaError(ValueError):
@@ -284,7 +284,7 @@ class EvalResult:
         seed: training seed of the arm.
         checkpoint, data: paths of the evaluated weights and of the evaluation data.
         corpus: "long-memory" (synthetic, needs memory), "control" (same, without the long-range
-            dependence) or "real".
+            dependence), "kv" / "kv-control" (the key -> value ladder and its control) or "real".
         chunk_frames, context: chunk length and attention context (frames) of the evaluation.
         files: per-file, per-chunk results; file ids unique.
         per_position: optional mean loss by position within a chunk.

@@ -10,7 +10,7 @@ comparisons are paired by ``file_id``. Per file we reduce the chunk results to t
   when the file has none), the tokens that provably need memory beyond the attention window on
   the synthetic long-memory corpus.
 
-Decision rule (seed document 004, "The CRITICAL Unknown"): keep persistence iff the persistent arm
+Decision rule (fixed before the experiment was run): keep persistence iff the persistent arm
 Y is better than the baseline X with two-sided Wilcoxon signed-rank p < 0.05 *and* a relative
 improvement of the mean larger than 10% (``(mean_y - mean_x) / mean_x < -0.10``; losses: lower is
 better). Otherwise keep the simpler X: "no significant difference", "improvement below threshold"
@@ -61,13 +61,30 @@ def recall_target_loss(file: FileResult) -> float | None:
     return float((losses * tokens).sum() / tokens.sum())
 
 
+def rung_loss(rung: int) -> Callable[[FileResult], float | None]:
+    """Per-file metric of a ladder corpus: token-weighted mean loss of the recall targets of one
+    rung (``rung{r}_loss`` / ``rung{r}_tokens`` of the chunks); None if the file has none."""
+    def fn(file: FileResult) -> float | None:
+        num = den = 0.0
+        for c in file.chunks:
+            n = c.extra.get(f"rung{rung}_tokens", 0)
+            if n:
+                num += float(c.extra[f"rung{rung}_loss"]) * n
+                den += n
+        return num / den if den else None
+
+    return fn
+
+
 METRICS: dict[str, Callable[[FileResult], float | None]] = {
     "later_chunk_loss": later_chunk_loss,
     "recall_loss": recall_target_loss,
+    **{f"rung{r}_loss": rung_loss(r) for r in (1, 2, 3)},
 }
 METRIC_TITLES = {
     "later_chunk_loss": "later-chunk loss (chunks >= 1)",
     "recall_loss": "recall-target loss",
+    **{f"rung{r}_loss": f"rung {r} recall loss" for r in (1, 2, 3)},
 }
 
 
@@ -341,7 +358,7 @@ def _ttest(xs: np.ndarray, ys: np.ndarray, notes: list[str]) -> tuple[float | No
 def decide(rel_change: float | None, median_diff: float, p: float | None, x_name: str, y_name: str,
            subject: str = "persistence", alpha: float = ALPHA, min_rel: float = MIN_REL_IMPROVEMENT
            ) -> tuple[Decision, str]:
-    """The seeds' decision rule on one comparison of losses (lower is better).
+    """The decision rule on one comparison of losses (lower is better).
 
     Returns ``(decision, verdict)``; the verdict is a plain-language sentence that starts with
     "keep {subject}", "no significant difference", "improvement below threshold" or

@@ -3,7 +3,7 @@ exact and trainable.
 
 moshi's ``RingKVCache`` holds exactly ``context`` entries. A streaming call of T > 1 frames writes
 T new entries first and then attends, so once the ring has wrapped the first queries of the call
-have lost up to T - 1 keys they are entitled to (DESIGN.md section 5). And under autograd the
+have lost up to T - 1 keys they are entitled to (docs/DESIGN.md section 5). And under autograd the
 cache is written in place, so a chunk's backward breaks as soon as the next chunk writes.
 
 ``ChunkedRingKVCache`` (a ``RingKVCache`` subclass) fixes both and nothing else:

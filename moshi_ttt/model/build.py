@@ -13,10 +13,10 @@ from moshi.models.lm import LMModel
 
 from ..ttt.config import TTTConfig
 from .hybrid import TTTBlock, TTTHybridLayer
-from .presets import moshi_7b_lm_kwargs, tiny_lm_kwargs
+from .presets import memory_lm_kwargs, moshi_7b_lm_kwargs, tiny_lm_kwargs
 
-__all__ = ["build_lm", "tiny_lm_kwargs", "moshi_7b_lm_kwargs", "ttt_blocks", "ttt_parameter_names",
-           "memory_mode", "TTT_KEY_MARKER"]
+__all__ = ["build_lm", "tiny_lm_kwargs", "memory_lm_kwargs", "moshi_7b_lm_kwargs", "ttt_blocks",
+           "ttt_parameter_names", "memory_mode", "TTT_KEY_MARKER"]
 
 # Every TTT parameter / state-dict key contains this path segment (".ttt." under a layer).
 TTT_KEY_MARKER = ".ttt."

@@ -62,7 +62,7 @@ def migrate_legacy_state_dict(
             shapes are checked and mismatches are reported as left.
     Returns:
         (new state dict, report). A key that two legacy keys map onto (``W1`` and ``W1_base``) takes
-        ``W1_base`` (the learned initial weights of the seeds' proposed fix) and reports the other.
+        ``W1_base`` (the learned initial weights of the earlier attempt's proposed fix) and reports the other.
     """
     out: dict[str, torch.Tensor] = {}
     rep = MigrationReport()

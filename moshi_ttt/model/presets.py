@@ -1,4 +1,5 @@
-"""Model presets: the tiny CPU config and the 7B config, as moshi ``LMModel`` kwargs."""
+"""Model presets: the tiny CPU config, a short-reach one for memory experiments, and the 7B config,
+as moshi ``LMModel`` kwargs."""
 
 from __future__ import annotations
 
@@ -58,3 +59,17 @@ def tiny_lm_kwargs(**overrides: Any) -> dict[str, Any]:
     if len(kw["delays"]) != n_q + 1:
         raise ValueError(f"tiny_lm_kwargs: len(delays)={len(kw['delays'])} must equal n_q + 1 = {n_q + 1}")
     return kw
+
+
+def memory_lm_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The tiny config with a short attention reach, for memory experiments on a CPU.
+
+    ``tiny_lm_kwargs(num_layers=2, context=8)``: attention can carry information at most
+    ``attention_reach = 2*(8 - 1) + 2 + 1 = 17`` frames forward (a code at frame ``f`` cannot change
+    any prediction of frame ``t >= f + 17``; see ``moshi_ttt.model.reach``), so anything a model
+    predicts correctly from further back must come from its memory. ``overrides`` as for
+    ``tiny_lm_kwargs``.
+    """
+    kw: dict[str, Any] = {"num_layers": 2, "context": 8}
+    kw.update(overrides)
+    return tiny_lm_kwargs(**kw)

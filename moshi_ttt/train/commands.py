@@ -27,6 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def missing_data(cfg) -> str | None:
+    """One line saying how to make the data when a configured dataset folder does not exist yet."""
+    from pathlib import Path
+
+    for key, path, n, seed in (("data.train", cfg.data.train, 48, 0), ("data.eval", cfg.data.eval, 16, 1)):
+        if path and not (Path(path) / "index.jsonl").is_file():
+            return (f"no dataset at {path} ({key}): make the synthetic corpus with `moshi-ttt synth --out {path} "
+                    f"--num-files {n} --seed {seed}`, or encode recordings with `moshi-ttt prepare MANIFEST --out "
+                    f"{path}` (see the README, section Training)")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_train_config
@@ -36,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, args.set)
         if args.quiet:
             cfg.progress = False
+        if (hint := missing_data(cfg)) is not None:
+            print(f"error: {hint}", file=sys.stderr)
+            return 2
         trainer = Trainer(cfg, resume=args.resume)
         summary = trainer.train()
         trainer.close()
@@ -45,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+    print(f"done: {summary['steps']} steps, final training loss (text + audio) {summary['final_loss']:.4f}, "
           f"{summary['skipped_steps']} skipped; run in {summary['run_dir']}")
     return 130 if summary["interrupted"] else 0
 
