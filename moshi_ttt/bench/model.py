@@ -4,6 +4,8 @@ For the same config, input length and batch:
 * training forward+backward time (all parameters trainable, as moshi-finetune's full fine-tune)
   and peak memory, and training tokens/s;
 * ``LMGen.step`` latency at the given batch sizes.
+On CPU the two arms are measured in alternation, step by step (both models in memory), so that
+the load of a shared machine weighs on both alike; on a GPU one after the other.
 Results are printed as a table with ratios (TTT / stock) and written as JSON. On CPU the tiny
 preset runs (seconds); with CUDA the 7B config runs at bf16 with random weights. Absolute times
 only mean something on the GPU named in the output.
@@ -26,6 +28,7 @@ import torch
 
 from ..model.build import build_lm, moshi_7b_lm_kwargs, tiny_lm_kwargs
 from ..model.loss import lm_loss
+from ..model.presets import mid_lm_kwargs, moshi_7b_ttt_kwargs
 from ..runtime import load_average, load_warning, machine_state
 from ..ttt.config import TTTConfig
 from .common import device_name
@@ -33,18 +36,32 @@ from .common import device_name
 
 @dataclass
 class ModelBenchConfig:
-    preset: str = "auto"            # "tiny", "7b" or "auto" (7b with CUDA, tiny without)
-    seq_len: int | None = None      # frames; default 3000 (7b) / 256 (tiny)
+    preset: str = "auto"            # "tiny", "mid", "7b" or "auto" (7b with CUDA, tiny without)
+    seq_len: int | None = None      # frames; default 3000 (7b) / 256 (tiny, mid)
     batch: int = 1
-    ttt_layers: str = "middle"
+    ttt_layers: Any = None          # None: the preset's default layout (PRESET_TTT)
+    ttt_heads: int | None = None    # TTT heads / head dim; None: the preset's default
+    ttt_head_dim: int | None = None
     mini_batch_size: int = 16
     train_iters: int = 5
     warmup: int = 2
     gen_batches: list[int] = field(default_factory=lambda: [1, 8])
     gen_steps: int = 50
     dtype: str = "auto"             # bf16 on CUDA, fp32 on CPU
+    interleave: bool | None = None  # alternate the arms step by step; default: on CPU only
     skip_train: bool = False
     skip_gen: bool = False
+
+
+# Default TTT layout per preset. 7B: the default of configs/moshi7b_finetune.yaml (8 of 32 layers,
+# 8 heads of 128 = 1/4 of the width). mid: the same proportions (2 of 8 layers, every other layer
+# of the top half, 2 heads of 128 = 1/4 of the width 1024). tiny: the tiny configs' layout.
+PRESET_TTT: dict[str, dict[str, Any]] = {
+    "7b": moshi_7b_ttt_kwargs(),
+    "mid": {"layers": [5, 7], "num_heads": 2, "head_dim": 128},
+    "tiny": {"layers": "middle"},
+}
+PRESET_LM = {"7b": moshi_7b_lm_kwargs, "mid": mid_lm_kwargs, "tiny": tiny_lm_kwargs}
 
 
 class Timer:
@@ -88,16 +105,27 @@ def _codes(model, B: int, T: int, device) -> torch.Tensor:
     return torch.cat([text, audio], 1)
 
 
-def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
+def _train_step(model, cfg: ModelBenchConfig, T: int, device):
+    """One training forward+backward of ``model`` on fixed random codes, as a closure."""
     model.train()
     codes = _codes(model, cfg.batch, T, device)
-    timer = Timer(device)
 
     def step():
         out = model(codes)
         lm_loss(out, codes).total.backward()
         model.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _summary(times: list[float]) -> tuple[float, float]:
+    """(median, p90) of a list of times."""
+    return statistics.median(times), sorted(times)[int(0.9 * len(times))]
+
+
+def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
+    timer = Timer(device)
+    step = _train_step(model, cfg, T, device)
     for _ in range(cfg.warmup):
         step()
     _peak_reset(device)
@@ -124,21 +152,89 @@ def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
             "step_cpu_ms": 1000 * statistics.median(cpu) if cpu else None}
 
 
+def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, device) -> dict[str, dict[str, Any]]:
+    """Both arms measured in alternation (stock step, TTT step, stock step, ...), so that a load
+    that changes during the run (a shared machine) weighs on both arms alike. Needs both models in
+    memory at once: the default on CPU, not at 7B on a GPU."""
+    from contextlib import ExitStack
+
+    from moshi.models import LMGen
+
+    timer = Timer(device)
+    out: dict[str, dict[str, Any]] = {arm: {} for arm in models}
+    if not cfg.skip_train:
+        steps = {arm: _train_step(m, cfg, T, device) for arm, m in models.items()}
+        for _ in range(cfg.warmup):
+            for step in steps.values():
+                step()
+        times: dict[str, list[float]] = {arm: [] for arm in models}
+        for _ in range(cfg.train_iters):
+            for arm, step in steps.items():
+                times[arm].append(timer(step))
+        for arm in models:
+            t = statistics.median(times[arm])
+            out[arm]["train"] = {"fwd_bwd_s": t, "fwd_bwd_min_s": min(times[arm]),
+                                 "tokens_per_s": cfg.batch * T / t, "peak_gib": None, "times_s": times[arm],
+                                 "load_1min": load_average()}
+    if not cfg.skip_gen:
+        for arm in models:
+            out[arm]["gen"] = {}
+        for B in cfg.gen_batches:
+            with torch.no_grad(), ExitStack() as stack:
+                gens, users = {}, {}
+                for arm, m in models.items():
+                    m.eval()
+                    gens[arm] = LMGen(m, temp=0.8, temp_text=0.7)
+                    stack.enter_context(gens[arm].streaming(B))
+                    n_user = m.num_codebooks - 1 - m.dep_q
+                    users[arm] = torch.randint(0, m.card, (B, n_user, 1), device=device)
+                for _ in range(max(cfg.warmup, 4)):
+                    for arm, g in gens.items():
+                        g.step(users[arm])
+                gtimes: dict[str, list[float]] = {arm: [] for arm in models}
+                for _ in range(cfg.gen_steps):
+                    for arm, g in gens.items():
+                        gtimes[arm].append(timer(lambda g=g, u=users[arm]: g.step(u)))
+            for arm in models:
+                med, p90 = _summary(gtimes[arm])
+                out[arm]["gen"][str(B)] = {"step_ms": 1000 * med, "step_ms_p90": 1000 * p90,
+                                           "step_ms_min": 1000 * min(gtimes[arm]), "load_1min": load_average()}
+    return out
+
+
 def run(cfg: ModelBenchConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = cfg.preset if cfg.preset != "auto" else ("7b" if device.type == "cuda" else "tiny")
-    lm_kwargs = moshi_7b_lm_kwargs() if preset == "7b" else tiny_lm_kwargs()
+    lm_kwargs = PRESET_LM[preset]()
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
     T = cfg.seq_len or (3000 if preset == "7b" else 256)
-    arms = {"stock": TTTConfig(layers="none"),
-            "ttt": TTTConfig(layers=cfg.ttt_layers, mini_batch_size=cfg.mini_batch_size)}
+    layout = dict(PRESET_TTT[preset])
+    for key, value in (("layers", cfg.ttt_layers), ("num_heads", cfg.ttt_heads), ("head_dim", cfg.ttt_head_dim)):
+        if value is not None:
+            layout[key] = value
+    arms = {"stock": TTTConfig(layers="none"), "ttt": TTTConfig(mini_batch_size=cfg.mini_batch_size, **layout)}
     warn = load_warning(torch.get_num_threads())
     if warn:
         print(warn, file=sys.stderr)
     results: dict[str, Any] = {"device": device_name(device), "preset": preset, "dtype": str(dtype),
-                               "seq_len": T, "config": asdict(cfg), "arms": {}, "machine": machine_state(),
-                               "load_warning": warn}
+                               "seq_len": T, "config": asdict(cfg), "ttt": arms["ttt"].to_dict(), "arms": {},
+                               "machine": machine_state(), "load_warning": warn,
+                               "load_average": _load_average()}
+    interleave = cfg.interleave if cfg.interleave is not None else device.type == "cpu"
+    results["interleaved"] = interleave
+    if interleave:
+        models = {}
+        for arm, tcfg in arms.items():
+            torch.manual_seed(0)
+            models[arm] = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
+        measured = bench_interleaved(models, cfg, T, device)
+        for arm, model in models.items():
+            results["arms"][arm] = {"ttt_layers": model.ttt_layers,
+                                    "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **measured[arm]}
+        results["load_1min_end"] = load_average()
+        results["ratios"] = _ratios(results["arms"])
+        return results
     for arm, tcfg in arms.items():
         torch.manual_seed(0)
         model = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
@@ -154,7 +250,18 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results["ratios"] = _ratios(results["arms"])
+    results["load_average_end"] = _load_average()
     return results
+
+
+def _load_average() -> list[float] | None:
+    """1, 5, 15-minute load averages (figures from a busy machine are not comparable)."""
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _ratios(arms: dict[str, Any]) -> dict[str, float]:
@@ -175,12 +282,14 @@ def _ratios(arms: dict[str, Any]) -> dict[str, float]:
 
 def format_table(res: dict[str, Any]) -> str:
     s, t = res["arms"]["stock"], res["arms"]["ttt"]
+    w = res.get("ttt", {})
+    width = f", {w['num_heads']} heads x {w['head_dim']}" if w.get("head_dim") else ""
     m = res.get("machine", {})
     load = "unknown" if m.get("load_1min") is None else f"{m['load_1min']:.2f}"
     rows = [f"moshi-ttt model benchmark on {res['device']}, machine load {load} on {m.get('cpus')} CPUs at start "
             "(load at each figure in the JSON)",
             f"preset {res['preset']}, {res['dtype']}, T={res['seq_len']} frames, "
-            f"TTT in layers {t['ttt_layers']}",
+            f"TTT in layers {t['ttt_layers']}{width}",
             f"{'measure':34s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
 
     def row(name, a, b, fmt="{:.4g}"):
@@ -191,32 +300,46 @@ def format_table(res: dict[str, Any]) -> str:
     row("parameters (M)", s["params_m"], t["params_m"])
     if "train" in s:
         row("train fwd+bwd (s)", s["train"]["fwd_bwd_s"], t["train"]["fwd_bwd_s"])
+        if "fwd_bwd_min_s" in s["train"]:
+            row("train fwd+bwd (s, fastest)", s["train"]["fwd_bwd_min_s"], t["train"]["fwd_bwd_min_s"])
         if s["train"].get("fwd_bwd_cpu_s"):
             row("train fwd+bwd, CPU time (s)", s["train"]["fwd_bwd_cpu_s"], t["train"]["fwd_bwd_cpu_s"])
         row("train tokens/s", s["train"]["tokens_per_s"], t["train"]["tokens_per_s"])
         row("train peak memory (GiB)", s["train"]["peak_gib"], t["train"]["peak_gib"])
     for B in s.get("gen", {}):
         row(f"LMGen.step B={B} (ms, median)", s["gen"][B]["step_ms"], t["gen"][B]["step_ms"])
+        if "step_ms_min" in s["gen"][B]:
+            row(f"LMGen.step B={B} (ms, fastest)", s["gen"][B]["step_ms_min"], t["gen"][B]["step_ms_min"])
+    if res["device"].startswith("CPU"):
+        rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
+    if res.get("interleaved"):
+        rows.append("(arms measured in alternation, step by step: a changing machine load weighs on both alike)")
+    if res.get("load_warning"):
+        rows.append(res["load_warning"])
         if s["gen"][B].get("step_cpu_ms"):
             row(f"LMGen.step B={B}, CPU time (ms)", s["gen"][B]["step_cpu_ms"], t["gen"][B]["step_cpu_ms"])
     if res["device"].startswith("CPU"):
-        rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
-        if "train" in s and s["train"].get("fwd_bwd_cpu_s"):
-            rows.append("(on a busy machine compare the CPU-time rows of a one-thread run: OMP_NUM_THREADS=1)")
-    if res.get("load_warning"):
-        rows.append(res["load_warning"])
+        load = res.get("load_average"), res.get("load_average_end")
+        if load[0]:
+            rows.append(f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}; on a busy machine "
+                        "compare the CPU-time rows, measured with one thread (OMP_NUM_THREADS=1)")
     return "\n".join(rows)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["auto", "tiny", "7b"], default="auto")
+    p.add_argument("--preset", choices=["auto", "tiny", "mid", "7b"], default="auto")
     p.add_argument("--seq-len", type=int, default=None, help="frames per training sequence")
     p.add_argument("--batch", type=int, default=1, help="training batch size")
-    p.add_argument("--ttt-layers", default="middle", help="'middle', 'all', 'every:K' or '3,5,7'")
+    p.add_argument("--ttt-layers", default=None, help="'middle', 'all', 'every:K' or '3,5,7' "
+                   "(default: the preset's layout)")
+    p.add_argument("--ttt-heads", type=int, default=None, help="TTT heads (default: the preset's)")
+    p.add_argument("--ttt-head-dim", type=int, default=None, help="TTT head dim (default: the preset's)")
     p.add_argument("--iters", type=int, default=5, help="timed training iterations")
     p.add_argument("--gen-steps", type=int, default=50, help="timed LMGen steps per batch size")
     p.add_argument("--gen-batches", default="1,8", help="LMGen batch sizes, comma separated")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="alternate stock and TTT steps (both models in memory); default: on CPU only")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-gen", action="store_true")
     p.add_argument("--out", default=None, help="write the JSON results here")
@@ -224,12 +347,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> ModelBenchConfig:
     layers: Any = args.ttt_layers
-    if "," in layers or layers.isdigit():
+    if layers is not None and ("," in layers or layers.isdigit()):
         layers = [int(x) for x in layers.split(",")]
     return ModelBenchConfig(preset=args.preset, seq_len=args.seq_len, batch=args.batch, ttt_layers=layers,
+                            ttt_heads=args.ttt_heads, ttt_head_dim=args.ttt_head_dim,
                             train_iters=args.iters, gen_steps=args.gen_steps,
                             gen_batches=[int(b) for b in args.gen_batches.split(",")], dtype=args.dtype,
-                            skip_train=args.skip_train, skip_gen=args.skip_gen)
+                            skip_train=args.skip_train, skip_gen=args.skip_gen, interleave=args.interleave)
 
 
 def main_args(args: argparse.Namespace) -> int:
