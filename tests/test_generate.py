@@ -21,7 +21,10 @@ def _wav(path, seconds, sr=24000, channels=2, nan=False):
     return path
 
 
-def test_generate_tiny_writes_wav_text_and_memory(tmp_path, capsys):
+def test_generate_tiny_writes_wav_text_and_memory(tmp_path, capsys, monkeypatch):
+    import moshi_ttt.runtime
+
+    monkeypatch.setattr(moshi_ttt.runtime, "_ANNOUNCED", None)  # threads are printed once per process
     wav = _wav(tmp_path / "talk.wav", 10.0)
     out = tmp_path / "out" / "talk"
     rc = main(["generate", str(wav), "--tiny", "--quiet", "--out", str(out),

@@ -98,8 +98,10 @@ def test_eval_writes_beside_the_run_rounded_with_the_right_corpus(tmp_path, caps
     from moshi_ttt.train.loop import Trainer
 
     data = tmp_path / "data"
-    write_corpus(SynthConfig(seed=0, num_files=3, frames_min=96, frames_max=96), data / "train", progress=False)
-    write_corpus(SynthConfig(seed=1, num_files=2, frames_min=96, frames_max=96), data / "held", progress=False)
+    # A short-reach corpus (1 layer, context 16), so that 96-frame files hold recall targets.
+    short = {"num_layers": 1, "context": 16, "frames_min": 96, "frames_max": 96}
+    write_corpus(SynthConfig(seed=0, num_files=3, **short), data / "train", progress=False)
+    write_corpus(SynthConfig(seed=1, num_files=2, **short), data / "held", progress=False)
     run = tmp_path / "run"
     cfg = load_train_config(None, [f"run_dir={run}", f"data.train={data / 'train'}", "data.chunk_frames=32",
                                    "data.lanes=2", "steps=2", "log_every=1", "ckpt_every=2", "progress=false",

@@ -173,10 +173,14 @@ class Trainer:
         self.runner = ChunkedLM(self.model, cfg.data.lanes)
         self.runner.start()
         self._inner(self.step_module).runner = self.runner
-        if resume and self.dist.world_size > 1:
+        if resume and self.dist.world_size > 1 and self.fsdp is None:
             raise ConfigError("resuming a multi-process run: run the same world size; the carried memory "
                               "of every rank's lanes is in the checkpoint of rank 0 only for now")
         ck = self._claim_run_dir(resume, restart) if self.dist.is_main else None
+        if self.fsdp is not None:  # every rank resumes its shard from the checkpoint rank 0 chose
+            chosen = [str(ck) if ck is not None else None]
+            torch.distributed.broadcast_object_list(chosen, src=0)
+            ck = Path(chosen[0]) if chosen[0] else None
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, tensorboard=True)
         self.resumed_from: Path | None = None
         if ck is not None:
