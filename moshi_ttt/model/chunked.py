@@ -21,15 +21,48 @@ one full-sequence forward over it; with "delta"/"detach" every chunk is cut on i
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from moshi.models.lm import LMModel
+from moshi.modules.transformer import RingKVCache
+from torch.utils.checkpoint import checkpoint
 
-from ..ttt.state import carry_state
+from ..ttt.state import TTTState, carry_state
 from .attention import ChunkedRingKVCache
 from .build import ttt_blocks
 from .loss import TokenLosses, token_losses
+
+
+def _copy_value(v: Any) -> Any:
+    """A detached copy of one piece of streaming state; autograd leaves where the original needed
+    gradient, so a recomputation saves the same tensors as the original forward."""
+    if isinstance(v, torch.Tensor):
+        c = v.detach().clone()
+        return c.requires_grad_(True) if v.requires_grad and v.is_floating_point() else c
+    if isinstance(v, TTTState):
+        return v.map(lambda _, t: _copy_value(t))
+    if isinstance(v, RingKVCache):
+        c = copy.copy(v)
+        for k, x in vars(v).items():
+            setattr(c, k, _copy_value(x))
+        return c
+    return v  # ints, flags, module references
+
+
+def copy_streaming_state(model: torch.nn.Module, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copies of every streaming ``State`` of ``model`` (or of ``state``, a previous copy), for
+    ``set_streaming_state``: running on them never touches the originals."""
+    out = {}
+    for name, st in (state if state is not None else model.get_streaming_state()).items():
+        c = copy.copy(st)
+        for f in dataclasses.fields(st):
+            setattr(c, f.name, _copy_value(getattr(st, f.name)))
+        out[name] = c
+    return out
 
 
 @dataclass
@@ -53,9 +86,10 @@ class ChunkedLM:
                 out = runner.step(batch.codes, batch.reset)
     """
 
-    def __init__(self, model: LMModel, batch_size: int):
+    def __init__(self, model: LMModel, batch_size: int, recompute: bool = False):
         self.model = model
         self.batch_size = batch_size
+        self.recompute = recompute  # activation checkpointing per chunk (see ``_recomputed_losses``)
         self.delays = torch.tensor(model.delays, dtype=torch.long)
         self.tail_len = int(self.delays.max()) + 1
         self._stack = None
@@ -118,6 +152,40 @@ class ChunkedLM:
         self.tail = torch.where(mask.view(-1, 1, 1), self._initial.expand_as(self.tail), self.tail)
         self.before = self.before | mask.view(-1, 1)
 
+    def _losses(self, seq_in: torch.Tensor, seq_tgt: torch.Tensor, tgt_ok: torch.Tensor) -> TokenLosses:
+        """The model over one chunk in the delayed domain (advances the streaming state)."""
+        model = self.model
+        transformer_out, text_logits = model.forward_text(seq_in)
+        logits = model.forward_depformer_training(seq_tgt, transformer_out)          # [B, dep_q, C, card]
+        a0, dq = model.audio_offset, model.dep_q
+        return token_losses(text_logits[:, 0], seq_tgt[:, 0], tgt_ok[:, 0],
+                            logits, seq_tgt[:, a0:a0 + dq], tgt_ok[:, a0:a0 + dq])
+
+    def _recomputed_losses(self, seq_in: torch.Tensor, seq_tgt: torch.Tensor, tgt_ok: torch.Tensor) -> TokenLosses:
+        """``_losses`` under activation checkpointing: the chunk's activations are dropped after its
+        forward and recomputed in backward from a copy of the streaming state it started from (its
+        carried inputs), so a training span's memory does not grow with its chunks' activations.
+        The recomputation runs on that copy and puts the live state back: moshi's streaming state
+        (KV caches, offsets, TTT memory) is never advanced twice."""
+        model = self.model
+        start = copy_streaming_state(model)
+        calls = [0]
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            calls[0] += 1
+            if calls[0] == 1:  # the forward itself: advances the live state
+                out = self._losses(x, seq_tgt, tgt_ok)
+            else:               # backward's recomputation: on a copy of the chunk's starting state
+                live = model.get_streaming_state()
+                model.set_streaming_state(copy_streaming_state(model, start))
+                try:
+                    out = self._losses(x, seq_tgt, tgt_ok)
+                finally:
+                    model.set_streaming_state(live)
+            return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
+
+        return TokenLosses(*checkpoint(run, seq_in, use_reentrant=False))
+
     def step(self, codes: torch.Tensor, reset: torch.Tensor | None = None,
              valid: torch.Tensor | None = None) -> ChunkOutput:
         """codes [B, K, C] raw frames (moshi's layout, -1 = padding); reset [B] bool before the chunk;
@@ -143,11 +211,11 @@ class ChunkedLM:
             valid = (codes != -1).any(1)
         tgt_ok = tgt_ok & valid.to(codes.device).unsqueeze(1)
 
-        transformer_out, text_logits = model.forward_text(seq_in)
-        logits = model.forward_depformer_training(seq_tgt, transformer_out)          # [B, dep_q, C, card]
-        a0, dq = model.audio_offset, model.dep_q
-        losses = token_losses(text_logits[:, 0], seq_tgt[:, 0], tgt_ok[:, 0],
-                              logits, seq_tgt[:, a0:a0 + dq], tgt_ok[:, a0:a0 + dq])
+        if self.recompute and torch.is_grad_enabled():
+            losses = self._recomputed_losses(seq_in, seq_tgt, tgt_ok)
+        else:
+            losses = self._losses(seq_in, seq_tgt, tgt_ok)
+        dq = model.dep_q
 
         self.tail = ext[:, :, -L:].detach()
         self.before = before[:, -L:]

@@ -90,6 +90,10 @@ class TrainConfig:
     # memory and attention keys/values keep their graph over the span, so reads train the writes
     # of earlier chunks; the span's gradient equals the full-sequence gradient over its frames.
     bptt_chunks: int = 1
+    # Recompute each chunk's activations in backward from the state it started from (activation
+    # checkpointing): a span keeps one copy of the streaming state per chunk instead of its
+    # activations. Same gradients; about one more forward per step.
+    recompute_chunks: bool = False
     log_every: int = 10
     eval_every: int = 100
     ckpt_every: int = 100

@@ -170,7 +170,7 @@ class Trainer:
         self.skipped = 0
         self._stop_requested = False
         self._stop_signal: str | None = None
-        self.runner = ChunkedLM(self.model, cfg.data.lanes)
+        self.runner = ChunkedLM(self.model, cfg.data.lanes, recompute=cfg.recompute_chunks)
         self.runner.start()
         self._inner(self.step_module).runner = self.runner
         if resume and self.dist.world_size > 1 and self.fsdp is None:
