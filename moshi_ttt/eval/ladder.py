@@ -102,6 +102,10 @@ def analyse_ladder(evals: Sequence[EvalResult], corpus: str, chance: float, cont
             continue
         means = {lab: mean_ci(v.values()) for lab, v in sorted(per.items())}
         rr = RungResult(r, RUNG_NAMES[r], chance, means)
+        if r == 1 and control:  # fresh values: nothing to copy, even within reach
+            rr.verdict = "nothing to copy here (fresh values): chance is the right answer"
+            rungs.append(rr)
+            continue
         if r == 1:
             rr.solved = {lab: m.mean is not None and m.mean < SOLVED_FRACTION * chance for lab, m in means.items()}
             missing = [lab for lab, ok in rr.solved.items() if not ok]
