@@ -67,7 +67,8 @@ import torch
 from tqdm import tqdm
 
 from ..model.reach import stacked_reach
-from .dataset import CodesLayout, EncodedDatasetWriter
+from .dataset import EncodedDatasetWriter
+from .synthetic import SynthLayout
 
 Background = Literal["zero", "voice"]
 
@@ -77,7 +78,7 @@ RUNG_NAMES = {1: "within attention's reach", 2: "beyond the reach, same training
 
 
 @dataclass
-class LadderConfig:
+class LadderConfig(SynthLayout):
     """Settings of the key -> value ladder; defaults fit ``memory_lm_kwargs()`` (2 layers, context 8,
     reach 17) with chunks of 32 frames and training spans of 4 chunks.
 
@@ -114,14 +115,6 @@ class LadderConfig:
     word_rate: float = 0.15
     control: bool = False
     rung1_max_gap: int | None = None
-    n_q: int = 4
-    dep_q: int = 2
-    card: int = 64
-    text_card: int = 64
-    text_padding_id: int = 3
-    end_of_text_padding_id: int = 0
-    first_text_id: int = 4
-    frame_rate: float = 12.5
 
     def __post_init__(self) -> None:
         self.delays = tuple(int(d) for d in self.delays)
@@ -162,12 +155,7 @@ class LadderConfig:
     @classmethod
     def from_lm_kwargs(cls, lm_kwargs: dict[str, Any], **overrides: Any) -> LadderConfig:
         """Layout, attention stack and delays from a moshi ``LMModel`` config (``memory_lm_kwargs()``)."""
-        kw: dict[str, Any] = {
-            "n_q": lm_kwargs["n_q"], "dep_q": lm_kwargs["dep_q"], "card": lm_kwargs["card"],
-            "text_card": lm_kwargs["text_card"], "context": lm_kwargs["context"],
-            "num_layers": lm_kwargs["num_layers"], "delays": tuple(lm_kwargs["delays"]),
-            "text_padding_id": lm_kwargs.get("existing_text_padding_id", 3),
-        }
+        kw: dict[str, Any] = {**cls.layout_kwargs(lm_kwargs), "delays": tuple(lm_kwargs["delays"])}
         kw.update(overrides)
         return cls(**kw)
 
@@ -205,12 +193,6 @@ class LadderConfig:
     def beyond_gap(self) -> int:
         """Smallest gap whose previous occurrence is wholly beyond the reach: ``R + max_delay``."""
         return self.reach + self.max_delay
-
-    @property
-    def layout(self) -> CodesLayout:
-        return CodesLayout(n_q=self.n_q, dep_q=self.dep_q, card=self.card, text_card=self.text_card,
-                           text_padding_id=self.text_padding_id,
-                           end_of_text_padding_id=self.end_of_text_padding_id, frame_rate=self.frame_rate)
 
     def chance_nats(self) -> list[float]:
         """Per Moshi-stream row (text, then dep_q audio rows): ln of the value alphabet."""

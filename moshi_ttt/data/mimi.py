@@ -31,6 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..runtime import cpu_name
+
 from ..model.mimi import calibration_audio, init_codebooks, load_mimi, random_mimi, tiny_mimi_config
 
 __all__ = ["MimiSpec", "MimiEncoder", "build_mimi", "tiny_mimi", "benchmark_encode", "calibration_audio",
@@ -209,17 +211,7 @@ def benchmark_encode(seconds: float = 60.0, kind: MimiKind = "random", num_codeb
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"audio_sec": seconds, "channels": 2, "wall_sec": best, "real_time_factor": seconds / best,
-            "device": str(enc.device), "cpu": _cpu_name(), "torch_threads": torch.get_num_threads(),
+            "device": str(enc.device), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
             "machine": platform.machine(), "spec": asdict(spec)}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"

@@ -57,7 +57,35 @@ from .dataset import CodesLayout, EncodedDatasetWriter
 
 
 @dataclass
-class SynthConfig:
+class SynthLayout:
+    """The code layout shared by the synthetic corpora (defaults: ``tiny_lm_kwargs()``'s)."""
+
+    n_q: int = 4
+    dep_q: int = 2
+    card: int = 64
+    text_card: int = 64
+    text_padding_id: int = 3
+    end_of_text_padding_id: int = 0
+    first_text_id: int = 4
+    frame_rate: float = 12.5
+
+    @staticmethod
+    def layout_kwargs(lm_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The layout fields and the attention stack of a moshi ``LMModel`` config."""
+        return {"n_q": lm_kwargs["n_q"], "dep_q": lm_kwargs["dep_q"], "card": lm_kwargs["card"],
+                "text_card": lm_kwargs["text_card"], "context": lm_kwargs["context"],
+                "num_layers": lm_kwargs["num_layers"],
+                "text_padding_id": lm_kwargs.get("existing_text_padding_id", 3)}
+
+    @property
+    def layout(self) -> CodesLayout:
+        return CodesLayout(n_q=self.n_q, dep_q=self.dep_q, card=self.card, text_card=self.text_card,
+                           text_padding_id=self.text_padding_id,
+                           end_of_text_padding_id=self.end_of_text_padding_id, frame_rate=self.frame_rate)
+
+
+@dataclass
+class SynthConfig(SynthLayout):
     """Settings of the synthetic corpus; the defaults fit ``tiny_lm_kwargs()`` (4 layers, context 32,
     reach 127).
 
@@ -87,13 +115,6 @@ class SynthConfig:
     frames_max: int | None = None
     context: int = 32
     num_layers: int = 4
-    n_q: int = 4
-    dep_q: int = 2
-    card: int = 64
-    text_card: int = 64
-    text_padding_id: int = 3
-    end_of_text_padding_id: int = 0
-    first_text_id: int = 4
     motif_len: int = 4
     gap_min: int | None = None
     gap_max: int | None = None
@@ -101,7 +122,6 @@ class SynthConfig:
     word_rate: float = 0.15
     max_delay: int = 1
     control: bool = False
-    frame_rate: float = 12.5
 
     def __post_init__(self) -> None:
         if self.gap_min is None:
@@ -138,13 +158,7 @@ class SynthConfig:
     def from_lm_kwargs(cls, lm_kwargs: dict[str, Any], **overrides: Any) -> SynthConfig:
         """Layout and context from a moshi ``LMModel`` config (e.g. ``tiny_lm_kwargs()``)."""
         delays = lm_kwargs.get("delays") or [0]
-        kw: dict[str, Any] = {
-            "n_q": lm_kwargs["n_q"], "dep_q": lm_kwargs["dep_q"], "card": lm_kwargs["card"],
-            "text_card": lm_kwargs["text_card"], "context": lm_kwargs["context"],
-            "num_layers": lm_kwargs["num_layers"],
-            "text_padding_id": lm_kwargs.get("existing_text_padding_id", 3),
-            "max_delay": max(delays) - min(delays),
-        }
+        kw: dict[str, Any] = {**cls.layout_kwargs(lm_kwargs), "max_delay": max(delays) - min(delays)}
         kw.update(overrides)
         return cls(**kw)
 
@@ -152,12 +166,6 @@ class SynthConfig:
     def reach(self) -> int:
         """Attention's reach: a code at frame ``f`` cannot change a prediction of frame ``t >= f + reach``."""
         return stacked_reach(self.num_layers, self.context, [0, self.max_delay])
-
-    @property
-    def layout(self) -> CodesLayout:
-        return CodesLayout(n_q=self.n_q, dep_q=self.dep_q, card=self.card, text_card=self.text_card,
-                           text_padding_id=self.text_padding_id,
-                           end_of_text_padding_id=self.end_of_text_padding_id, frame_rate=self.frame_rate)
 
     def chance_nats(self) -> dict[str, float]:
         """Entropy of a recall target without memory: uniform over its alphabet."""

@@ -360,22 +360,22 @@ class EvalResult:
         files_raw = _get(obj, "files", "")
         if not isinstance(files_raw, list):
             raise SchemaError("files", f"expected a list, got {type(files_raw).__name__}")
-        out = cls.__new__(cls)
-        out.arm = _as_str(_get(obj, "arm", ""), "arm")
-        out.train_mode = _as_str(_get(obj, "train_mode", ""), "train_mode", MODES)  # type: ignore[assignment]
-        out.eval_mode = _as_str(_get(obj, "eval_mode", ""), "eval_mode", MODES)  # type: ignore[assignment]
-        out.seed = _as_int(_get(obj, "seed", ""), "seed")
-        out.checkpoint = _as_str(_get(obj, "checkpoint", ""), "checkpoint")
-        out.data = _as_str(_get(obj, "data", ""), "data")
-        out.corpus = _as_str(_get(obj, "corpus", ""), "corpus", CORPORA)  # type: ignore[assignment]
-        out.chunk_frames = _as_int(_get(obj, "chunk_frames", ""), "chunk_frames", minimum=1)
-        out.context = _as_int(_get(obj, "context", ""), "context", minimum=1)
-        out.files = [FileResult.from_json(f, f"files[{i}]") for i, f in enumerate(files_raw)]
         pp = obj.get("per_position")
-        out.per_position = None if pp is None else PerPosition.from_json(pp)
-        out.extra = _extra(obj, cls._KEYS)
-        out.validate()
-        return out
+        # The constructor validates the whole record (``__post_init__``).
+        return cls(
+            arm=_as_str(_get(obj, "arm", ""), "arm"),
+            train_mode=_as_str(_get(obj, "train_mode", ""), "train_mode", MODES),  # type: ignore[arg-type]
+            eval_mode=_as_str(_get(obj, "eval_mode", ""), "eval_mode", MODES),  # type: ignore[arg-type]
+            seed=_as_int(_get(obj, "seed", ""), "seed"),
+            checkpoint=_as_str(_get(obj, "checkpoint", ""), "checkpoint"),
+            data=_as_str(_get(obj, "data", ""), "data"),
+            corpus=_as_str(_get(obj, "corpus", ""), "corpus", CORPORA),  # type: ignore[arg-type]
+            chunk_frames=_as_int(_get(obj, "chunk_frames", ""), "chunk_frames", minimum=1),
+            context=_as_int(_get(obj, "context", ""), "context", minimum=1),
+            files=[FileResult.from_json(f, f"files[{i}]") for i, f in enumerate(files_raw)],
+            per_position=None if pp is None else PerPosition.from_json(pp),
+            extra=_extra(obj, cls._KEYS),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (``json.dumps`` it, or use :meth:`save`)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,30 +267,26 @@ def restore_stream(module: StreamingModule, snap: dict[str, dict[str, Any]]) -> 
                     setattr(state, f, val)
 
 
-def stream_finite(module: StreamingModule) -> bool:
-    """True when every floating tensor of the streaming state is finite."""
+def _stream_tensors(module: StreamingModule) -> Iterator[torch.Tensor]:
+    """Every tensor of the streaming state: plain fields, TTT memories, KV caches."""
     for state in _all_states(module).values():
         if state is None:
             continue
         for f in _state_fields(state):
             obj = getattr(state, f, None)
-            ts = ([obj] if isinstance(obj, torch.Tensor) else [t for _, t in obj.items()]
-                  if isinstance(obj, TTTState) else [obj.cache] if isinstance(obj, RingKVCache) else [])
-            for t in ts:
-                if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-                    return False
-    return True
+            if isinstance(obj, torch.Tensor):
+                yield obj
+            elif isinstance(obj, TTTState):
+                yield from (t for _, t in obj.items())
+            elif isinstance(obj, RingKVCache):
+                yield obj.cache
+
+
+def stream_finite(module: StreamingModule) -> bool:
+    """True when every floating tensor of the streaming state is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in _stream_tensors(module) if t.dtype.is_floating_point)
 
 
 def stream_nbytes(module: StreamingModule) -> int:
     """Bytes of the streaming state's tensors (what ``save_stream`` writes, about)."""
-    total = 0
-    for state in _all_states(module).values():
-        if state is None:
-            continue
-        for f in _state_fields(state):
-            obj = getattr(state, f, None)
-            ts = ([obj] if isinstance(obj, torch.Tensor) else [t for _, t in obj.items()]
-                  if isinstance(obj, TTTState) else [obj.cache] if isinstance(obj, RingKVCache) else [])
-            total += sum(t.numel() * t.element_size() for t in ts)
-    return total
+    return sum(t.numel() * t.element_size() for t in _stream_tensors(module))
