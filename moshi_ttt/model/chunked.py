@@ -114,23 +114,18 @@ class ChunkedLM:
         self.before = torch.ones(B, self.tail_len, dtype=torch.bool, device=device)
         cfg = getattr(model, "ttt_config", None)
         keep = cfg is not None and cfg.state_grad == "full"
-        for cache in self._kv_caches():
+        # Found once per streaming session (the cut at every training step must not walk the model).
+        self._caches = [kv for m in model.modules()
+                        if isinstance(kv := getattr(getattr(m, "_streaming_state", None), "kv_cache", None),
+                                      ChunkedRingKVCache)]
+        for cache in self._caches:
             cache.keep_graph = keep
-
-    def _kv_caches(self) -> list[ChunkedRingKVCache]:
-        out = []
-        for m in self.model.modules():
-            st = getattr(m, "_streaming_state", None)
-            kv = getattr(st, "kv_cache", None)
-            if isinstance(kv, ChunkedRingKVCache):
-                out.append(kv)
-        return out
 
     def cut(self) -> None:
         """Start a new training span: the carried state enters the next chunk without the graph of
         the previous ones (keys/values as constants; the TTT memory by the "delta" rule, so the
         learned initial weights still get every chunk's gradient). A no-op outside "full"."""
-        for cache in self._kv_caches():
+        for cache in self._caches:
             cache.cut()
         for block in ttt_blocks(self.model).values():
             st = block._streaming_state
