@@ -81,24 +81,37 @@ class TTTMLP(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """(Re)initialise every TTT parameter; also used after meta-device construction."""
-        std = self.config.init_std
+        std1, std2 = self.fast_weight_init_std()
         for lin in (self.wq, self.wk, self.wv, self.wo):
             # 1/sqrt(fan-in): dim for wq/wk/wv, the inner width E for wo (equal when E == dim).
             nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
+        if self.config.bind_init:  # a frame's query matches the key its content wrote (see TTTConfig)
+            self.wq.weight.copy_(self.wk.weight)
         nn.init.normal_(self.lr_gate.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
         nn.init.zeros_(self.learnable_token_idx)
         nn.init.ones_(self.ttt_norm_weight)
         nn.init.zeros_(self.ttt_norm_bias)
-        nn.init.normal_(self.W1, std=std)
+        nn.init.normal_(self.W1, std=std1)
         nn.init.zeros_(self.b1)
-        nn.init.normal_(self.W2, std=std)
+        nn.init.normal_(self.W2, std=std2)
         nn.init.zeros_(self.b2)
         self.post_norm.reset_parameters()
         nn.init.constant_(self.gating_alpha, self.config.initial_gating_alpha)
-        if self.config.short_conv > 1:  # identity at init: the current frame only
+        if self.config.short_conv > 1:  # identity (the current frame only) at init ...
             nn.init.zeros_(self.conv_weight)
             self.conv_weight[..., -1] = 1.0
+            if self.config.bind_init:  # ... but the key reads the previous frame: it binds to the next
+                self.conv_weight[1, :, -1] = 0.0
+                self.conv_weight[1, :, -2] = 1.0
+
+    def fast_weight_init_std(self) -> tuple[float, float]:
+        """Init std of W1 and W2: ``config.init_std`` for both, or the fan-in init when None
+        (unit-scale pre-activations for the keys the inner model sees; see ``TTTConfig.init_std``)."""
+        if self.config.init_std is not None:
+            return float(self.config.init_std), float(self.config.init_std)
+        key_norm = 1.0 if self.config.qk_l2_norm else math.sqrt(self.head_dim)  # |xk| of unit-variance entries
+        return 1.0 / key_norm, 1.0 / math.sqrt(4 * self.head_dim)
 
     def base_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.W1, self.b1, self.W2, self.b2
