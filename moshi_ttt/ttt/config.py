@@ -68,6 +68,11 @@ class TTTConfig:
             query then finds, from the first step, the value written the last time the same content
             came one frame before, which is what next-frame prediction needs from a memory; training
             moves all of it. False: independent ``wq``/``wk`` draws and identity kernels.
+        placement: where a host layer runs the memory (for the integration; the layer itself does
+            not use it). "after_attention": attention, TTT, feed-forward (the design's layer).
+            "before_attention": TTT, attention, feed-forward -- the memory reads and writes the
+            layer's input rather than a mix of the attention window; on the key -> value ladder
+            it is the placement whose memory the outer model learned to use within a CPU budget.
     """
 
     enable: bool = True
@@ -86,6 +91,7 @@ class TTTConfig:
     init_std: float | None = None
     short_conv: int = 0
     bind_init: bool = True
+    placement: Literal["after_attention", "before_attention"] = "after_attention"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -118,6 +124,8 @@ class TTTConfig:
             raise bad("persistent_states", "must be true or false")
         if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0:
             raise bad("short_conv", "must be an integer >= 0 (taps; 0 or 1: no convolution)")
+        if self.placement not in ("after_attention", "before_attention"):
+            raise bad("placement", "must be 'after_attention' or 'before_attention'")
         if not isinstance(self.bind_init, bool):
             raise bad("bind_init", "must be true or false")
         if self.init_std is not None and (not isinstance(self.init_std, (int, float)) or self.init_std < 0):
