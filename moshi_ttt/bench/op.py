@@ -273,8 +273,9 @@ def run(device: torch.device | str | None = None, T_list: tuple[int, ...] | None
     rep = Report(device=device_name(device), device_type=device.type, torch=torch.__version__,
                  triton=triton_version, kernel_available=ok,
                  kernel_note="kernels run" if ok else f"kernels NOT run: {why}",
-                 dispatch=("ttt_mlp(impl='auto') can dispatch to the Triton kernels here" if ok else
-                           "ttt_mlp(impl='auto') uses the PyTorch forms here"),
+                 dispatch=("TTTConfig.kernels='auto' (or 'triton') runs the Triton kernels here" if ok else
+                           "the PyTorch forms run here (TTTConfig.kernels='auto' falls back to them, "
+                           "'triton' is an error)"),
                  shape={"H": H, "d": d, "K": K, "B": 1, "x_dtype": str(x_dtype), "state": "float32"})
 
     impls: dict[str, Callable] = {"torch-dual": ttt_mlp_dual}

@@ -56,6 +56,10 @@ class TTTConfig:
             keys and values (0 or 1: none). With 2 or more, frame t's key can include frame t-1,
             so that a key at t-1 binds to a value at t (ttt-lm's conv_q/conv_k, fla's short conv).
             Exact in the three execution modes: its input tail is carried in the state.
+        kernels: how the operator runs (``moshi_ttt.ttt.dispatch``): "torch" (the PyTorch forms;
+            the default while the Triton kernels have not run on a GPU), "auto" (the Triton
+            kernels for CUDA tensors they support, PyTorch otherwise) or "triton" (the kernels, an
+            error naming why where they cannot run). A runtime choice: it changes speed, not results.
     """
 
     enable: bool = True
@@ -73,6 +77,7 @@ class TTTConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     short_conv: int = 0
+    kernels: Literal["auto", "torch", "triton"] = "torch"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +110,8 @@ class TTTConfig:
             raise bad("persistent_states", "must be true or false")
         if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0:
             raise bad("short_conv", "must be an integer >= 0 (taps; 0 or 1: no convolution)")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise bad("kernels", "must be 'auto', 'torch' or 'triton'")
         if self.init_std < 0:
             raise bad("init_std", "must be >= 0")
         _check_layer_spec(self.layers)

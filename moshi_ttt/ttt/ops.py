@@ -16,7 +16,7 @@ followed by ``w * . + b`` and ``f_W(x) = gelu_tanh(x W1 + b1) W2 + b2``:
   ``W_i = W0 - token_idx[i] * sum_{j <= i} lr_j grad l_j(W0)`` and outputs
   ``out_i = xq_i + LN(f_{W_i}(xq_i))``; at the end of a full mini-batch the state becomes ``W_{K-1}``.
 
-Implementations, which agree:
+Implementations here (PyTorch), which agree:
 * the dual (matrix) form for sequences (training, prefill): one autograd node per inner
   mini-batch with an analytic backward (``dual.py``; ``impl="dual_autograd"`` is the same form
   differentiated op by op, kept as a cross-check);
@@ -24,7 +24,8 @@ Implementations, which agree:
   no-grad in-place twin ``ttt_mlp_step_`` (the state is updated where it lies, no host sync: the
   torch counterpart of the fused streaming kernel; bit-identical to the per-token form).
 Outer gradients reach every input and the state. The oracle they are tested against is
-``moshi_ttt.ttt.reference`` (float64, autograd inner loop).
+``moshi_ttt.ttt.reference`` (float64, autograd inner loop). The fused Triton kernels
+(``moshi_ttt.ttt.kernels``) are a sibling that this module does not import; ``dispatch.py`` chooses.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from .dual import _one, dual_same_offset
-from .kernels.dispatch import try_kernel
 from .state import TTTState, init_state
 
 __all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_dual_autograd", "ttt_mlp_token", "ttt_mlp_step_",
@@ -412,13 +412,13 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     return out.to(xq.dtype)
 
 
-# ----------------------------------------------------------------------------- dispatch
+# ----------------------------------------------------------------------------- the operator
 def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
             ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
             token_idx: torch.Tensor | None = None, *,
-            impl: Literal["auto", "dual", "dual_autograd", "token", "triton"] = "auto",
+            impl: Literal["auto", "dual", "dual_autograd", "token"] = "auto",
             ) -> tuple[torch.Tensor, TTTState]:
-    """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state``.
+    """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state`` (PyTorch forms).
 
     Args:
         xq, xk, xv: [B, H, T, d] inner queries, keys, values.
@@ -428,25 +428,19 @@ def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tens
         mini_batch_size: K, tokens per inner step.
         token_idx: [K] step-size multipliers per mini-batch position; default ``1/(i+1)``.
         impl: "dual" (matrix form, analytic backward), "dual_autograd" (the same, differentiated
-            by autograd), "token" (per-token), "triton" (fused kernels, CUDA), or
-            "auto": the fused kernels when enabled (``MOSHI_TTT_KERNELS=1``) and supported,
-            else token for T == 1 and dual otherwise.
+            by autograd), "token" (per-token), or "auto": token for T == 1, dual otherwise.
+            The Triton kernels are a sibling of this module, chosen above both by
+            ``moshi_ttt.ttt.dispatch`` (``ttt_mlp(..., kernels=...)``).
     Returns:
         out [B, H, T, d] (dtype of xq) and the new state; the input state is not modified.
     """
     if impl == "auto":
-        res = try_kernel(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
-        if res is not None:
-            return res
         impl = "token" if xq.shape[2] == 1 else "dual"
-    if impl == "triton":
-        from .kernels import ttt_mlp_triton
-
-        return ttt_mlp_triton(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "dual":
         return ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "dual_autograd":
         return ttt_mlp_dual_autograd(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "token":
         return ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
-    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'dual_autograd', 'token' or 'triton'")
+    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'dual_autograd' or 'token' "
+                     "(the Triton kernels: moshi_ttt.ttt.dispatch.ttt_mlp)")
