@@ -115,6 +115,16 @@ def _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, K: int, t
         raise ValueError(f"token_idx must be [mini_batch_size] = [{K}], got {tuple(token_idx.shape)}")
 
 
+def _in_state_dtype(xq: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, K: int,
+                    token_idx: torch.Tensor | None) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compute dtype (the state's, e.g. fp32 under a bf16 model) and, in it, token_idx [K]
+    (default ``1/(i+1)``) and the inner layer-norm affine as [H, 1, d] (broadcast over tokens)."""
+    dt = state.W1.dtype
+    if token_idx is None:
+        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
+    return dt, token_idx.to(dt), ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+
+
 # ----------------------------------------------------------------------------- dual form
 def _dual_segment(
     xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
@@ -212,13 +222,9 @@ def _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_s
                token_idx: torch.Tensor | None, same_offset) -> tuple[torch.Tensor, TTTState]:
     K = mini_batch_size
     _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
-    dt = state.W1.dtype
-    if token_idx is None:
-        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
-    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    dt, token_idx, ln_w, ln_b = _in_state_dtype(xq, ln_weight, ln_bias, state, K, token_idx)
     out, new = _by_offset(
-        lambda q, k, v, r, state, offset: same_offset(q, k, v, r, ln_w, ln_b, state, K,
-                                                      token_idx.to(dt), offset),
+        lambda q, k, v, r, state, offset: same_offset(q, k, v, r, ln_w, ln_b, state, K, token_idx, offset),
         xq.to(dt), xk.to(dt), xv.to(dt), lr.to(dt), state, K,
     )
     return out.to(xq.dtype), new
@@ -251,11 +257,7 @@ def ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batc
     """
     K = mini_batch_size
     _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
-    dt = state.W1.dtype
-    if token_idx is None:
-        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
-    token_idx = token_idx.to(dt)
-    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    dt, token_idx, ln_w, ln_b = _in_state_dtype(xq, ln_weight, ln_bias, state, K, token_idx)
     B, H, T, d = xq.shape
     outs = []
     for t in range(T):
@@ -373,11 +375,7 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
             return ttt_mlp_step_(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
                                  exec_mask)
     K = mini_batch_size
-    dt = state.W1.dtype
-    if token_idx is None:
-        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
-    token_idx = token_idx.to(dt)
-    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    dt, token_idx, ln_w, ln_b = _in_state_dtype(xq, ln_weight, ln_bias, state, K, token_idx)
     B, H, _, d = xq.shape
     xq_, xk_, xv_, lr_ = (t.to(dt) for t in (xq, xk, xv, lr))
     xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx,
