@@ -73,6 +73,10 @@ class TTTConfig:
             "before_attention": TTT, attention, feed-forward -- the memory reads and writes the
             layer's input rather than a mix of the attention window; on the key -> value ladder
             it is the placement whose memory the outer model learned to use within a CPU budget.
+        kernels: how the operator runs (``moshi_ttt.ttt.dispatch``): "torch" (the PyTorch forms;
+            the default while the Triton kernels have not run on a GPU), "auto" (the Triton
+            kernels for CUDA tensors they support, PyTorch otherwise) or "triton" (the kernels, an
+            error naming why where they cannot run). A runtime choice: it changes speed, not results.
     """
 
     enable: bool = True
@@ -92,6 +96,7 @@ class TTTConfig:
     short_conv: int = 0
     bind_init: bool = True
     placement: Literal["after_attention", "before_attention"] = "after_attention"
+    kernels: Literal["auto", "torch", "triton"] = "torch"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +135,8 @@ class TTTConfig:
             raise bad("bind_init", "must be true or false")
         if self.init_std is not None and (not isinstance(self.init_std, (int, float)) or self.init_std < 0):
             raise bad("init_std", "must be null (fan-in init) or a number >= 0")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise bad("kernels", "must be 'auto', 'torch' or 'triton'")
         _check_layer_spec(self.layers)
 
     # ------------------------------------------------------------------ helpers
