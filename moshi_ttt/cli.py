@@ -58,14 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 def classify(e: BaseException) -> tuple[int, str]:
     """An exception a user can cause -> (exit code, one-line message); anything else is internal (70)."""
     from .data.report import DataError
-    from .ttt.config import TTTConfigError
 
-    if isinstance(e, MoshiTTTError):
+    if isinstance(e, MoshiTTTError):  # ConfigValueError, TTTConfigError included: exit code 2
         return e.exit_code, str(e)
     if isinstance(e, DataError):
         return EXIT_DATA, str(e)
-    if isinstance(e, TTTConfigError):
-        return EXIT_CONFIG, str(e)
     name = type(e).__name__
     msg = " ".join(str(e).split())[:500]
     if name == "AudioInputError":  # model/generate.py's input error (a ValueError)
