@@ -94,7 +94,7 @@ def _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
     etr = eta[None, :]
     sc = tl.where(closes, -eta_last, 1.0)  # closes: W - eta_last S; opens: S itself
 
-    # Reconstruction target LN(xv - xk) (seed issue #2: normalise the difference).
+    # Reconstruction target LN(xv - xk) (docs/DESIGN.md section 3: normalise the difference).
     xh_t, _ = _ln_norm(xv - xk, D, EPS)
     tgt = xh_t * lnw[:, None] + lnb[:, None]
 
