@@ -15,6 +15,10 @@ mapping. Unknown keys are errors in every dataclass a record reaches: :func:`loa
 without a ``__pydantic_config__`` of its own the :data:`FORBID` config (a record may set its own to
 opt out).
 
+Config files come in through the same module: :func:`read_yaml` reads a YAML mapping and applies the
+``--set key=value`` overrides (:func:`apply_overrides`, dotted keys, YAML values), so that every
+command reads "a config file plus dotted overrides" the same way.
+
 This module imports nothing from the package except :mod:`moshi_ttt.errors`, so every layer can use it.
 """
 
@@ -24,11 +28,13 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import types
 import typing
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Literal, TypeVar
 
+import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from .errors import ConfigValueError
@@ -229,3 +235,66 @@ def check_range(record: str, key: str, value: float, low: float = -math.inf, hig
     if not (isinstance(value, (int, float)) and math.isfinite(value) and above and below):
         interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
         raise FieldValueError(record, key, value, f"must be a finite number in {interval}")
+
+
+# ----------------------------------------------------------------------------- YAML files and --set overrides
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string; YAML 1.2 and every user
+    mean a number. Records take no string for a number, so the reader resolves it."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document (or a ``--set`` value) as plain data, numbers as YAML 1.2 reads them."""
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str],
+                    error: type[ConfigValueError] = ConfigValueError) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "ttt.layers=[1,2]"]``: values parsed as YAML scalars/lists."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise error(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = parse_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise error(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from e
+        node = data
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise error(f"--set {item!r}: empty key component")
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if p in node and not isinstance(child, dict):
+                # A null or scalar section would be replaced by the override alone: the rest of
+                # what the user wrote (or meant to write) there would silently vanish.
+                where = ".".join(parts[:i + 1])
+                raise error(f"--set {item!r}: '{where}' is {child!r} in the config, not a mapping; "
+                            f"fix or remove the '{where}:' section first")
+            node[p] = dict(child) if isinstance(child, dict) else {}
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None,
+              error: type[ConfigValueError] = ConfigValueError) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (None: empty) with ``--set`` overrides applied; errors name the file."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise error(f"config file not found: {path}")
+        try:
+            data = parse_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise error(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
+        if not isinstance(data, dict):
+            raise error(f"{path}: the top level must be a mapping")
+    return apply_overrides(data, overrides or [], error)

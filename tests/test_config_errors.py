@@ -115,3 +115,34 @@ def test_round_trip_through_json_is_identity():
     with pytest.raises(TTTConfigError, match=r"^mini_batch_size: expected an integer, got '3'$"):
         TTTConfig.from_dict({"mini_batch_size": "3"})
 
+
+
+# ----------------------------------------------------------------------------- one CLI style
+def test_every_command_takes_a_config_file_and_set_overrides():
+    from moshi_ttt.cli import _leaf_parsers, build_parser
+
+    leaves = list(_leaf_parsers(build_parser()))
+    assert len(leaves) >= 10
+    for p in leaves:
+        dests = {a.dest for a in p._actions}
+        assert "set" in dests and ({"config", "options_file"} & dests), p.prog
+
+
+def test_command_options_from_file_flags_and_set(tmp_path, capsys):
+    from moshi_ttt.cli import main as cli_main
+
+    out = tmp_path / "demo"
+    (tmp_path / "o.yaml").write_text("rounds: 3\npairs: 4\nseed: 1\n")
+    assert cli_main(["demo", "--out", str(out), "--config", str(tmp_path / "o.yaml"), "--pairs", "5",
+                     "--set", "seed=2"]) == 0
+    cfg = json.loads((out / "demo.json").read_text())["config"]
+    assert (cfg["rounds"], cfg["num_pairs"], cfg["seed"]) == (3, 5, 2)   # file < flags, --set
+    capsys.readouterr()
+    for argv, expected in [
+        (["--set", "rounds=two"], "error: rounds: expected an integer, got 'two'"),
+        (["--set", "round=2"], "error: round: unknown option of this command; known: out, pairs, rounds, seed"),
+        (["--rounds", "3", "--set", "rounds=2"], "error: rounds: given both as --rounds and with --set"),
+        (["--config", str(tmp_path / "none.yaml")], f"error: config file not found: {tmp_path / 'none.yaml'}"),
+    ]:
+        assert cli_main(["demo", "--out", str(out), *argv]) == 2
+        assert capsys.readouterr().err.startswith(expected), argv

@@ -1,21 +1,18 @@
 """Typed training configuration: dataclasses, read from YAML with ``--set key=value`` overrides.
 
-Loading and dumping go through :mod:`moshi_ttt.records`: unknown keys, values of the wrong type and
-values out of range are errors that name the dotted key and the value
-(``optim.lr: expected a number, got 'fast'``). :func:`read_yaml` and :func:`apply_overrides` are the
-file and command-line half every command with a config file shares.
+Loading and dumping go through :mod:`moshi_ttt.records` (the YAML file and the ``--set`` overrides
+too): unknown keys, values of the wrong type and values out of range are errors that name the dotted
+key and the value (``optim.lr: expected a number, got 'fast'``).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-
+from .. import records
 from ..model.loss import LossConfig
 from ..records import FieldValueError, check_range, dump, load
 from ..ttt.config import TTTConfig
@@ -186,72 +183,21 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]
     return applied, refused
 
 
-# ----------------------------------------------------------------------------- YAML and --set
-class _YAMLLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string; YAML 1.2 and every user
-    mean a number. Records take no string for a number, so the reader resolves it."""
-
-
-_YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str) -> Any:
-    """A YAML document (or a ``--set`` value) as plain data, numbers as YAML 1.2 reads them."""
-    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["optim.lr=1e-3", "ttt.layers=[1,2]"]``: values parsed as YAML scalars/lists."""
-    data = dict(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = parse_yaml(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from e
-        node = data
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"--set {item!r}: empty key component")
-        for i, p in enumerate(parts[:-1]):
-            child = node.get(p)
-            if p in node and not isinstance(child, dict):
-                # A null or scalar section would be replaced by the override alone: the rest of
-                # what the user wrote (or meant to write) there would silently vanish.
-                where = ".".join(parts[:i + 1])
-                raise ConfigError(f"--set {item!r}: '{where}' is {child!r} in the config, not a mapping; "
-                                  f"fix or remove the '{where}:' section first")
-            node[p] = dict(child) if isinstance(child, dict) else {}
-            node = node[p]
-        node[parts[-1]] = value
-    return data
-
-
-def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (None: empty) with ``--set`` overrides applied; errors name the file."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    return apply_overrides(data, overrides or [])
-
-
 def load_config(cls: type[R], path: str | Path | None, overrides: list[str] | None = None,
                 prefix: str = "") -> R:
     """Record ``cls`` from a YAML file (None: the defaults) and ``--set`` overrides: the one way every
-    command reads its config. Errors are :class:`ConfigError` naming the dotted key and the value."""
+    config file is read. Errors are :class:`ConfigError` naming the dotted key and the value."""
     return load(cls, read_yaml(path, overrides), prefix=prefix, error=ConfigError)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``records.apply_overrides`` raising :class:`ConfigError`."""
+    return records.apply_overrides(data, overrides, error=ConfigError)
+
+
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``records.read_yaml`` raising :class:`ConfigError`."""
+    return records.read_yaml(path, overrides, error=ConfigError)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
