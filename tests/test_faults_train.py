@@ -247,6 +247,33 @@ def test_resume_overrides_applied_or_refused(corpus, tmp_path, capsys):
                 resume=True)
 
 
+def test_checkpoint_config_is_json_and_older_checkpoints_still_load(corpus, tmp_path):
+    """The trained config is stored as JSON beside the weights; a checkpoint of the earlier format
+    (the config pickled inside trainer.pt, no config.json) still loads and resumes."""
+    import hashlib
+
+    from moshi_ttt.train.loop import load_trained
+
+    run = tmp_path / "run"
+    train(cfg_of(corpus, run, "steps=2"))
+    ck = list_checkpoints(run)[-1][1]
+    saved = json.loads((ck / "config.json").read_text())
+    st = torch.load(ck / "trainer.pt", weights_only=False)
+    assert saved["data"]["lanes"] == 2 and saved["ttt"]["layers"] == [1, 2] and "config" not in st
+    _, cfg, _ = load_trained(run)
+    assert cfg == cfg_of(corpus, run, "steps=2")
+    st["config"] = saved                                          # the earlier format
+    torch.save(st, ck / "trainer.pt")
+    (ck / "config.json").unlink()
+    manifest = json.loads((ck / "manifest.json").read_text())
+    del manifest["files"]["config.json"]
+    manifest["files"]["trainer.pt"] = hashlib.sha256((ck / "trainer.pt").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    _, old, _ = load_trained(run)
+    assert old == cfg
+    assert train(cfg_of(corpus, run, "steps=4"), resume=True)["steps"] == 4
+
+
 # ------------------------------------------------------------------------------------ failure 7
 def test_sigterm_checkpoints_and_stops(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
