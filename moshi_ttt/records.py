@@ -11,9 +11,9 @@ Strictness is that of a config file, whatever the source: data is validated in p
 JSON mode, so an integer field takes an integer only (not ``2.5``, ``true`` or ``"3"``), a flag takes
 ``true``/``false`` only (not ``1``), a number takes an integer or a float (never a string: the YAML
 reader below reads ``1e-3`` as the number YAML 1.2 says it is), a section takes a mapping. Python
-values are written as JSON first (nested records, paths and numpy scalars as their plain form). Unknown keys are errors in every dataclass a record reaches: :func:`load` gives each one
-without a ``__pydantic_config__`` of its own the :data:`FORBID` config (a record may set its own to
-opt out).
+values are written as JSON first (nested records, paths and numpy scalars as their plain form).
+Unknown keys are errors in every dataclass a record reaches: :func:`load` gives each one without a
+``__pydantic_config__`` of its own the :data:`FORBID` config (a record may set its own to opt out).
 
 Config files come in through the same module: :func:`read_yaml` reads a YAML mapping and applies the
 ``--set key=value`` overrides (:func:`apply_overrides`, dotted keys, YAML values), so that every
