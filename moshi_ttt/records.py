@@ -200,19 +200,24 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"not plain data: {obj!r}")
 
 
-def load(cls: type[T], data: Any, prefix: str = "", error: type[ConfigValueError] = ConfigValueError) -> T:
+def load(cls: type[T], data: Any, prefix: str = "", error: type[ConfigValueError] = ConfigValueError,
+         strict: bool = True) -> T:
     """Validate ``data`` (a mapping, or an instance) into record ``cls``.
 
     Raises ``error`` (a ``ConfigValueError``) whose message names every offending dotted key (with
-    ``prefix``, e.g. ``"train."``) and its value, ``"; "``-separated.
+    ``prefix``, e.g. ``"train."``) and its value, ``"; "``-separated. ``strict=False`` validates the
+    Python data in pydantic's lax mode instead (``"3"`` or ``3.0`` for an integer, ``1`` for a flag):
+    for data no person wrote, e.g. results computed in floats, never for configs.
     """
     if isinstance(cls, type) and isinstance(data, cls):
         return data
     try:
-        text = json.dumps(data, default=_plain, allow_nan=True)
-    except (TypeError, ValueError) as e:
-        raise error(f"{prefix.rstrip('.') or getattr(cls, '__name__', 'config')}: {e}") from None
-    try:
+        if not strict:
+            return _adapter(cls).validate_python(data)
+        try:
+            text = json.dumps(data, default=_plain, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise error(f"{prefix.rstrip('.') or getattr(cls, '__name__', 'config')}: {e}") from None
         return _adapter(cls).validate_json(text, strict=True)
     except ValidationError as e:
         msgs = list(dict.fromkeys(_message(cls, err, prefix) for err in e.errors(include_url=False)))

@@ -146,3 +146,21 @@ def test_command_options_from_file_flags_and_set(tmp_path, capsys):
     ]:
         assert cli_main(["demo", "--out", str(out), *argv]) == 2
         assert capsys.readouterr().err.startswith(expected), argv
+
+
+def test_records_strict_by_default_lax_on_request():
+    from dataclasses import dataclass
+
+    from moshi_ttt.errors import ConfigValueError
+
+    @dataclass
+    class Counts:
+        tokens: int = 0
+        seen: bool = False
+
+    both = r"^tokens: expected an integer, got 3.0; seen: expected true/false, got 1$"
+    with pytest.raises(ConfigValueError, match=both):
+        load(Counts, {"tokens": 3.0, "seen": 1})
+    assert load(Counts, {"tokens": 3.0, "seen": 1}, strict=False) == Counts(3, True)
+    with pytest.raises(ConfigValueError, match=r"^extra: unknown Counts key; known: tokens, seen$"):
+        load(Counts, {"extra": 1}, strict=False)
