@@ -232,14 +232,14 @@ def dump(obj: Any) -> Any:
 
 
 def check_range(record: str, key: str, value: float, low: float = -math.inf, high: float = math.inf,
-                low_in: bool = True, high_in: bool = True) -> None:
-    """Raise :class:`FieldValueError` unless ``value`` is a finite number in the interval (the
-    bounds' brackets in the message say whether they are included)."""
-    above = value >= low if low_in else value > low
-    below = value <= high if high_in else value < high
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and above and below):
+                low_in: bool = True, high_in: bool = True,
+                error: type[FieldValueError] = FieldValueError) -> None:
+    """Raise ``error`` (a :class:`FieldValueError`) unless ``value`` is a finite number in the
+    interval; the bounds' brackets in the message say whether they are included."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and (value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
         interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
-        raise FieldValueError(record, key, value, f"must be a finite number in {interval}")
+        raise error(record, key, value, f"must be a finite number in {interval}")
 
 
 # ----------------------------------------------------------------------------- YAML files and --set overrides

@@ -130,11 +130,8 @@ class TrainConfig:
             ("loss.text_weight", self.loss.text_weight, 0.0, inf, True, False),
             ("loss.audio_weight", self.loss.audio_weight, 0.0, inf, True, False),
         ]
-        try:
-            for key, v, lo, hi, lo_in, hi_in in ranges:
-                check_range("TrainConfig", key, v, lo, hi, lo_in, hi_in)
-        except FieldValueError as e:
-            raise ConfigError("TrainConfig", e.key, e.value, e.reason) from None
+        for key, v, lo, hi, lo_in, hi_in in ranges:
+            check_range("TrainConfig", key, v, lo, hi, lo_in, hi_in, error=ConfigError)
         need(not (self.loss.text_weight == 0 and self.loss.audio_weight == 0), "loss.audio_weight",
              self.loss.audio_weight, "loss.text_weight and loss.audio_weight are both 0: nothing to train on")
         need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
