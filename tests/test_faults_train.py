@@ -197,6 +197,20 @@ def test_cli_value_ranges(tmp_path, capsys, corpus):
     assert rc == 2 and "--num-codebooks" in err and "0" in err
 
 
+def test_eval_options_from_set_are_checked_like_flags(corpus, tmp_path, capsys):
+    """The one CLI style on eval: --set sets an option by its name, typed and range-checked."""
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    train(cfg_of(corpus, run, "steps=2"))
+    base = ["eval", str(run), "--data", str(corpus / "train"), "--out", str(ev), "--quiet"]
+    assert cli_main([*base, "--set", "chunk_frames=0"]) == 2
+    assert "--chunk-frames must be >= 1, got 0" in capsys.readouterr().err and not ev.exists()
+    assert cli_main([*base, "--set", "lanes=two"]) == 2
+    assert "error: lanes: expected an integer, got 'two'" in capsys.readouterr().err
+    assert cli_main([*base, "--set", "mode=reset", "--set", "max_files=1"]) == 0
+    res = json.loads((ev / "eval_reset.json").read_text())
+    assert sorted(p.name for p in ev.iterdir()) == ["eval_reset.json"] and len(res["files"]) == 1
+
+
 # ------------------------------------------------------------------------------------ failure 4
 def test_resume_of_finished_run_says_so_and_keeps_summary(corpus, tmp_path, capsys):
     run = tmp_path / "run"
