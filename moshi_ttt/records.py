@@ -13,7 +13,8 @@ JSON mode, so an integer field takes an integer only (not ``2.5``, ``true`` or `
 reader below reads ``1e-3`` as the number YAML 1.2 says it is), a section takes a mapping. Python
 values are written as JSON first (nested records, paths and numpy scalars as their plain form).
 Unknown keys are errors in every dataclass a record reaches: :func:`load` gives each one without a
-``__pydantic_config__`` of its own the :data:`FORBID` config (a record may set its own to opt out).
+``__pydantic_config__`` of its own the :data:`FORBID` config (a record may set its own to opt out);
+keys a record lists in its ``LEGACY_KEYS`` class variable (written by earlier versions) are dropped.
 
 Config files come in through the same module: :func:`read_yaml` reads a YAML mapping and applies the
 ``--set key=value`` overrides (:func:`apply_overrides`, dotted keys, YAML values), so that every
@@ -186,6 +187,23 @@ def _message(root: Any, err: dict[str, Any], prefix: str) -> str:
 
 
 # ----------------------------------------------------------------------------- load / dump
+def _drop_legacy(tp: Any, data: Any) -> Any:
+    """``data`` without the keys a record lists in ``LEGACY_KEYS`` (a ``ClassVar``: keys that
+    earlier versions wrote and that mean nothing now), at every depth, so that old files still load
+    while a misspelt key stays an error."""
+    while _is_union(tp) and len(_non_none(tp)) == 1:
+        tp = _non_none(tp)[0]
+    if dataclasses.is_dataclass(tp) and isinstance(data, dict):
+        legacy, hints = getattr(tp, "LEGACY_KEYS", ()), _hints(tp)
+        return {k: _drop_legacy(hints.get(k, Any), v) for k, v in data.items() if k not in legacy}
+    origin, args = typing.get_origin(tp), _args(tp)
+    if origin is list and args and isinstance(data, list):
+        return [_drop_legacy(args[0], v) for v in data]
+    if origin is dict and len(args) == 2 and isinstance(data, dict):
+        return {k: _drop_legacy(args[1], v) for k, v in data.items()}
+    return data
+
+
 def _plain(obj: Any) -> Any:
     """``json.dumps`` fallback: records nested in the data (an instance given in place of a
     section), paths, tuples' elements are written as their plain form."""
@@ -211,6 +229,7 @@ def load(cls: type[T], data: Any, prefix: str = "", error: type[ConfigValueError
     """
     if isinstance(cls, type) and isinstance(data, cls):
         return data
+    data = _drop_legacy(cls, data)
     try:
         if not strict:
             return _adapter(cls).validate_python(data)

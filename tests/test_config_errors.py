@@ -164,3 +164,25 @@ def test_records_strict_by_default_lax_on_request():
     assert load(Counts, {"tokens": 3.0, "seen": 1}, strict=False) == Counts(3, True)
     with pytest.raises(ConfigValueError, match=r"^extra: unknown Counts key; known: tokens, seen$"):
         load(Counts, {"extra": 1}, strict=False)
+
+
+def test_keys_of_earlier_versions_are_dropped_only_where_listed():
+    from dataclasses import dataclass, field
+    from typing import ClassVar
+
+    from moshi_ttt.errors import ConfigValueError
+
+    @dataclass
+    class Inner:
+        LEGACY_KEYS: ClassVar[frozenset[str]] = frozenset({"old"})
+        n: int = 0
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner)
+        many: list[Inner] = field(default_factory=list)
+
+    got = load(Outer, {"inner": {"n": 1, "old": 5}, "many": [{"old": "x"}, {"n": 2}]})
+    assert got == Outer(Inner(1), [Inner(0), Inner(2)])
+    with pytest.raises(ConfigValueError, match=r"^old: unknown Outer key"):
+        load(Outer, {"old": 1})                                   # listed by Inner, not by Outer
