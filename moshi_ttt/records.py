@@ -89,7 +89,7 @@ def _forbid_unknown_keys(tp: Any, seen: set[int] | None = None) -> None:
         return
     seen.add(id(tp))
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if "__pydantic_config__" not in tp.__dict__:
+        if not hasattr(tp, "__pydantic_config__"):  # its own, or one it inherits, is kept
             tp.__pydantic_config__ = FORBID  # type: ignore[attr-defined]
         for hint in _hints(tp).values():
             _forbid_unknown_keys(hint, seen)
@@ -181,9 +181,9 @@ def _message(root: Any, err: dict[str, Any], prefix: str) -> str:
     if kind == "literal_error":
         return f"{where}: expected one of {list(_args(tp)) if typing.get_origin(tp) is Literal else '?'}, " \
                f"got {value!r}"
-    if tp is not Any:
+    if tp is not Any and (kind.endswith(("_type", "_parsing")) or kind == "int_from_float"):
         return f"{where}: expected {_describe(tp)}, got {value!r}"
-    return f"{where}: {err.get('msg', 'invalid value')}, got {value!r}"
+    return f"{where}: {err.get('msg', 'invalid value')}, got {value!r}"  # a constraint or a custom error
 
 
 # ----------------------------------------------------------------------------- load / dump
