@@ -22,7 +22,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 from .errors import (
@@ -148,18 +147,20 @@ def apply_config_options(args: argparse.Namespace, argv: list[str]) -> None:
     unknown = sorted(set(data) - set(opts))
     if unknown:
         raise ConfigValueError(f"{unknown[0]}: unknown option of this command; known: {', '.join(sorted(opts))}")
-    base = {k: v for k, v in vars(args).items() if k in opts}
+    # Only what the file and --set give is validated (argparse checked the flags; a flag given wins
+    # over the file): a record whose fields are the options, typed from what argparse accepts.
     record = dataclasses.make_dataclass(
         f"{p.prog.replace('moshi-ttt ', '').replace(' ', '_')}_options",
         [(k, _option_type(a), dataclasses.field(default=None)) for k, a in opts.items()])
-    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in base.items()}
-    merged = {**plain, **{k: v for k, v in data.items() if k not in given}}
-    values = load(record, merged)
-    for k in data:
-        v = getattr(values, k)
-        a = opts[k]
+    chosen = {k: v for k, v in data.items() if k not in given}
+    values = load(record, chosen)
+    for k in chosen:
+        v, a = getattr(values, k), opts[k]
         if v is not None and a.type is not None and a.type not in (int, float, str) and isinstance(v, str):
-            v = a.type(v)  # a path, or a command's own parser of one value
+            try:
+                v = a.type(v)  # a path, or a command's own parser of one value
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                raise ConfigValueError(f"{k}: {e}, got {v!r}") from None
         setattr(args, k, v)
 
 
