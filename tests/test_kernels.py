@@ -320,29 +320,115 @@ def test_streaming_exec_mask():
 
 # ----------------------------------------------------------------------------- dispatch
 def test_dispatch_rules(monkeypatch):
-    from moshi_ttt.ttt.kernels import kernel_available, kernel_unavailable_reason, try_kernel, try_step_
+    from moshi_ttt.ttt import TTTConfig
+    from moshi_ttt.ttt.dispatch import KernelsUnavailableError, choose
+    from moshi_ttt.ttt.kernels import kernel_available, kernel_unavailable_reason
 
     shapes = (1, 32, 3008, 128, 512, 16)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not kernel_available("cpu", torch.bfloat16, shapes)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernel_available("cpu", torch.bfloat16, shapes)  # the interpreter runs them on CPU
     inputs, base, sums, pos = make_problem(1, 2, 3, 16, 4, [0], device=torch.device("cpu"))
     state = TTTState(*init_state(*base, 1).weights(), *sums, pos=pos)
     args = [inputs[n] for n in ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias")]
-    assert try_kernel(*args, state, 4) is None  # but dispatch never sends CPU tensors there
+    step_args = [*(a[:, :, :1] for a in args[:4]), *args[4:]]
+    with pytest.raises(KernelsUnavailableError, match="device cpu"):  # asked for: never a silent fallback
+        choose("triton", *args, state, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel_available("cpu", torch.bfloat16, shapes)  # the interpreter runs them on CPU
+    assert choose("triton", *args, state, 4) == "triton"
     before = state.clone()
-    assert try_step_(*(a[:, :, :1] for a in args[:4]), *args[4:], state, 4) is None
+    assert choose("auto", *args, state, 4) == "torch"  # but "auto" never sends CPU tensors there
+    assert choose("auto", *step_args, state, 4, step=True) == "torch"
     assert all(torch.equal(t, getattr(before, n)) for n, t in state.items())
     assert "head dim" in kernel_unavailable_reason("cpu", torch.bfloat16, (1, 2, 8, 24, 96, 4))
     assert "mini-batch" in kernel_unavailable_reason("cpu", torch.bfloat16, (1, 2, 8, 16, 64, 65))
     assert "state dtype" in kernel_unavailable_reason("cpu", torch.bfloat16, shapes, torch.bfloat16)
-    monkeypatch.setenv("MOSHI_TTT_KERNELS", "0")
-    assert try_kernel(*args, state, 4) is None
-    monkeypatch.delenv("MOSHI_TTT_KERNELS")  # opt-in: off unless set to 1
-    from moshi_ttt.ttt.kernels.dispatch import kernels_enabled
+    assert choose("torch", *args, state, 4) == "torch"  # even where the kernels could run
+    with pytest.raises(KernelsUnavailableError, match="one token"):
+        choose("triton", *args, state, 4, step=True)
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        choose("cuda", *args, state, 4)
+    assert TTTConfig().kernels == "torch"  # opt-in: the PyTorch forms unless configured
 
-    assert not kernels_enabled()
+
+def test_config_kernels_named_in_error():
+    from moshi_ttt.ttt import TTTConfig, TTTConfigError
+
+    with pytest.raises(TTTConfigError, match=r"TTTConfig.kernels='cuda'"):
+        TTTConfig(kernels="cuda")
+
+
+def test_layer_asked_for_triton_says_why():
+    """A layer configured with kernels='triton' where they cannot run fails with the reason."""
+    from moshi_ttt.ttt import TTTMLP, TTTConfig
+    from moshi_ttt.ttt.dispatch import KernelsUnavailableError
+
+    layer = TTTMLP(24, 2, TTTConfig(mini_batch_size=4, kernels="triton"), device=DEV)
+    x = torch.randn(1, 5, 24, device=DEV)
+    with pytest.raises(KernelsUnavailableError, match="head dim 12"):
+        layer(x)
+    with torch.no_grad(), pytest.raises(KernelsUnavailableError, match="head dim 12"):
+        layer(x[:, :1], layer.init_state(1), inplace=True)  # the streaming step too
+
+
+@needs_kernels
+def test_dispatch_runs_the_kernels(monkeypatch):
+    """``kernels='triton'`` reaches the kernels (interpreted on CPU) for sequences and steps."""
+    from moshi_ttt.ttt import dispatch
+    from moshi_ttt.ttt.dispatch import ttt_mlp, ttt_step_
+
+    calls = []
+
+    def spy(name: str):
+        real = getattr(dispatch, name)
+
+        def run(*a, **kw):
+            calls.append(name)
+            return real(*a, **kw)
+        return run
+
+    for name in ("ttt_mlp_triton", "ttt_step_triton_"):
+        monkeypatch.setattr(dispatch, name, spy(name))
+
+    B, H, T, d, K = 2, 2, 6, 16, 4
+    inputs, base, sums, pos = make_problem(B, H, T, d, K, [1, 3], seed=5)
+    state0 = TTTState(*init_state(*base, B).weights(), *sums, pos=pos)
+    args = [inputs[n] for n in ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias")]
+    ref, ref_state = ttt_mlp_reference(*args, state0, K, inputs["token_idx"])
+    out, new = ttt_mlp(*args, state0, K, inputs["token_idx"], kernels="triton")
+    assert_close("out", ref, out)
+    assert_close("state.W1", ref_state.W1, new.W1)
+    step_args = [*(a[:, :, :1] for a in args[:4]), *args[4:]]
+    ref1, ref1_state = ttt_mlp_reference(*step_args, state0, K, inputs["token_idx"])
+    st = state0.clone()
+    with torch.no_grad():
+        out1 = ttt_step_(*step_args, st, K, inputs["token_idx"], kernels="triton")
+    assert_close("step out", ref1, out1)
+    assert_close("step state.gW1", ref1_state.gW1, st.gW1)
+    assert calls == ["ttt_mlp_triton", "ttt_step_triton_"]
+
+
+def test_siblings_do_not_import_each_other():
+    """ops.py / dual.py (PyTorch forms), reference.py (oracle) and kernels/ do not import each
+    other; only dispatch.py (above them) knows both."""
+    import ast
+    from pathlib import Path
+
+    root = Path(importlib.import_module("moshi_ttt.ttt").__file__).parent
+
+    def imports(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                found.add("." * node.level + (node.module or ""))
+        return found
+
+    for name in ("ops.py", "dual.py", "reference.py"):
+        assert not any("kernels" in m for m in imports(root / name)), name
+    for path in (root / "kernels").glob("*.py"):
+        bad = {m for m in imports(path) if m.lstrip(".").split(".")[0] in ("ops", "dual", "reference", "dispatch",
+                                                                            "layer")}
+        assert not bad, f"{path.name} imports {bad}"
 
 
 def _nvidia_tools() -> bool:
@@ -490,16 +576,17 @@ def test_gpu_streaming_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_dispatch_runs_kernel(monkeypatch):
-    from moshi_ttt.ttt.kernels import try_kernel, try_step_
-
-    monkeypatch.setenv("MOSHI_TTT_KERNELS", "1")  # opt-in until these GPU tests have passed
+def test_gpu_dispatch_runs_kernel():
+    from moshi_ttt.ttt.dispatch import choose, ttt_mlp, ttt_step_
 
     inputs, base, sums, pos = _full_problem(1, 64, [0])
     st = TTTState(*init_state(*base, 1).weights(), *sums, pos=pos)
     args = [inputs[n] for n in ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias")]
-    res = try_kernel(*args, st, K7B, inputs["token_idx"])
-    assert res is not None and res[0].shape == inputs["xq"].shape
+    assert choose("auto", *args, st, K7B) == "triton"
+    res = ttt_mlp(*args, st, K7B, inputs["token_idx"], kernels="auto")
+    assert res[0].shape == inputs["xq"].shape
+    step_args = [*(a[:, :, :1] for a in args[:4]), *args[4:]]
     with torch.no_grad():
-        out = try_step_(*(a[:, :, :1] for a in args[:4]), *args[4:], st, K7B, inputs["token_idx"])
-    assert out is not None and out.shape == (1, H7B, 1, D7B) and int(st.pos[0]) == 1
+        assert choose("auto", *step_args, st, K7B, step=True) == "triton"
+        out = ttt_step_(*step_args, st, K7B, inputs["token_idx"], kernels="auto")
+    assert out.shape == (1, H7B, 1, D7B) and int(st.pos[0]) == 1

@@ -19,9 +19,11 @@ WIDTH_IDS = ["host", "narrow16"]
 
 @pytest.mark.parametrize("width", WIDTHS, ids=WIDTH_IDS)
 @pytest.mark.parametrize("persistent", [True, False])
-@pytest.mark.parametrize("short_conv", [0, 3])
-def test_full_chunked_and_frame_by_frame_agree(persistent, width, short_conv):
-    model = tiny_ttt_model(context=8, persistent_states=persistent, chunk_frames=10, short_conv=short_conv, **width)
+@pytest.mark.parametrize("short_conv,placement", [(0, "after_attention"), (3, "after_attention"),
+                                                  (3, "before_attention")])
+def test_full_chunked_and_frame_by_frame_agree(persistent, width, short_conv, placement):
+    model = tiny_ttt_model(context=8, persistent_states=persistent, chunk_frames=10, short_conv=short_conv,
+                           placement=placement, **width)
     if width:
         assert ttt_blocks(model)[0].layer.wq.weight.shape == (16, 64)
     seq = random_codes(2, 45, model)

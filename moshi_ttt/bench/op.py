@@ -123,15 +123,21 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- sequence operator
-@dataclass
-class SeqRow:
+@dataclass(kw_only=True)
+class Row:
+    """One implementation's figures at one size (None: not measured) and why any is missing."""
+
     impl: str
+    note: str = ""
+
+
+@dataclass(kw_only=True)
+class SeqRow(Row):
     T: int
     fwd_ms: float | None = None
     fwdbwd_ms: float | None = None
     fwd_peak_mib: float | None = None
     fwdbwd_peak_mib: float | None = None
-    note: str = ""
 
 
 def _seq_fns(op: Callable, inp: dict[str, Any], s: Shape, **kw):
@@ -178,13 +184,11 @@ def bench_sequence(s: Shape, device: torch.device, impls: dict[str, Callable], w
 
 
 # ----------------------------------------------------------------------------- streaming step
-@dataclass
-class StepRow:
-    impl: str
+@dataclass(kw_only=True)
+class StepRow(Row):
     B: int
     eager_us: float | None = None
     graph_us: float | None = None
-    note: str = ""
 
 
 def bench_streaming(s: Shape, device: torch.device, use_kernel: bool, warmup: int,
@@ -273,8 +277,9 @@ def run(device: torch.device | str | None = None, T_list: tuple[int, ...] | None
     rep = Report(device=device_name(device), device_type=device.type, torch=torch.__version__,
                  triton=triton_version, kernel_available=ok,
                  kernel_note="kernels run" if ok else f"kernels NOT run: {why}",
-                 dispatch=("ttt_mlp(impl='auto') can dispatch to the Triton kernels here" if ok else
-                           "ttt_mlp(impl='auto') uses the PyTorch forms here"),
+                 dispatch=("TTTConfig.kernels='auto' (or 'triton') runs the Triton kernels here" if ok else
+                           "the PyTorch forms run here (TTTConfig.kernels='auto' falls back to them, "
+                           "'triton' is an error)"),
                  shape={"H": H, "d": d, "K": K, "B": 1, "x_dtype": str(x_dtype), "state": "float32"})
 
     impls: dict[str, Callable] = {"torch-dual": ttt_mlp_dual}
@@ -324,6 +329,16 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return str(v)
 
 
+def _table(title: str, rows: list[dict], cols: list[tuple[str, str, int, str]]) -> list[str]:
+    """A titled text table of result rows: ``impl`` first, ``note`` last, and between them the
+    columns ``(key, header, width, number format)``."""
+    lines = [title, f"{'impl':<12}" + "".join(f"{h:>{w}}" for _, h, w, _ in cols) + "  note"]
+    for r in rows:
+        cells = "".join(f"{_fmt(r[k], spec):>{w}}" for k, _, w, spec in cols)
+        lines.append(f"{r['impl']:<12}{cells}  {r['note']}")
+    return lines
+
+
 def format_report(rep: Report) -> str:
     load = rep.machine.get("load_1min")
     out = [f"device: {rep.device} ({rep.device_type}); torch {rep.torch}, triton {rep.triton}; machine load "
@@ -333,12 +348,10 @@ def format_report(rep: Report) -> str:
         out.append(rep.load_warning)
     out += [
            f"{rep.kernel_note}; {rep.dispatch}",
-           f"shape: {rep.shape}", "",
-           "sequence operator (ms, MiB peak above inputs)",
-           f"{'impl':<12}{'T':>6}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd MiB':>10}{'fwd+bwd MiB':>13}  note"]
-    for r in rep.sequence:
-        out.append(f"{r['impl']:<12}{r['T']:>6}{_fmt(r['fwd_ms']):>10}{_fmt(r['fwdbwd_ms']):>12}"
-                   f"{_fmt(r['fwd_peak_mib'], '.0f'):>10}{_fmt(r['fwdbwd_peak_mib'], '.0f'):>13}  {r['note']}")
+           f"shape: {rep.shape}", ""]
+    out += _table("sequence operator (ms, MiB peak above inputs)", rep.sequence,
+                  [("T", "T", 6, ""), ("fwd_ms", "fwd ms", 10, ".2f"), ("fwdbwd_ms", "fwd+bwd ms", 12, ".2f"),
+                   ("fwd_peak_mib", "fwd MiB", 10, ".0f"), ("fwdbwd_peak_mib", "fwd+bwd MiB", 13, ".0f")])
     if rep.ratios:
         out += ["", "torch-dual / triton (speedup and memory ratio)"]
         for r in rep.ratios:
@@ -346,11 +359,9 @@ def format_report(rep: Report) -> str:
                        f"memory fwd x{_fmt(r['fwd_mem_ratio'])}, fwd+bwd x{_fmt(r['fwdbwd_mem_ratio'])}")
     out.append(f"design targets (H100, T=3000): forward <= {rep.targets_ms['forward']} ms, "
                f"forward+backward <= {rep.targets_ms['forward+backward']} ms")
-    out += ["", "streaming step, one layer (us per token)",
-            f"{'impl':<12}{'B':>4}{'eager us':>10}{'graph us':>10}  note"]
-    for r in rep.streaming:
-        out.append(f"{r['impl']:<12}{r['B']:>4}{_fmt(r['eager_us'], '.1f'):>10}"
-                   f"{_fmt(r['graph_us'], '.1f'):>10}  {r['note']}")
+    out.append("")
+    out += _table("streaming step, one layer (us per token)", rep.streaming,
+                  [("B", "B", 4, ""), ("eager_us", "eager us", 10, ".1f"), ("graph_us", "graph us", 10, ".1f")])
     if rep.aot:
         from moshi_ttt.ttt.kernels.aot import format_reports
 

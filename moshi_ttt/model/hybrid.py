@@ -1,4 +1,4 @@
-"""Hybrid transformer layer for moshi: attention, then gated TTT memory, then feed-forward.
+"""Hybrid transformer layer for moshi: gated TTT memory beside attention and feed-forward.
 
 ``TTTHybridLayer`` is injected into moshi's temporal transformer through ``lm_kwargs["layer_class"]``
 so that ``LMModel``, ``LMGen``, streaming, LoRA and activation checkpointing keep working. Layers
@@ -8,13 +8,11 @@ the chunk-capable KV cache, see ``attention.py``).
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer, create_norm_fn
-from moshi.utils.compile import no_compile
 
 from ..ttt.config import TTTConfig
 from ..ttt.layer import TTTMLP
@@ -113,8 +111,11 @@ class TTTBlock(StreamingModule[TTTBlockState]):
 
 
 class TTTHybridLayer(StreamingTransformerLayer):
-    """moshi's ``StreamingTransformerLayer`` with an optional TTT block between attention and
-    feed-forward. Built by moshi with the usual kwargs; ``attach_ttt`` adds the memory."""
+    """moshi's ``StreamingTransformerLayer`` with an optional TTT block, run by moshi's own
+    ``forward`` through the hooks it calls: before the attention (``placement:
+    before_attention``, in ``_sa_block``) or between attention and feed-forward
+    (``after_attention``, in ``_ff_block``). Built by moshi with the usual kwargs; ``attach_ttt``
+    adds the memory."""
 
     def __init__(self, d_model: int, num_heads: int, *args, **kwargs):
         super().__init__(d_model, num_heads, *args, **kwargs)
@@ -132,21 +133,14 @@ class TTTHybridLayer(StreamingTransformerLayer):
                             device=weight.device, dtype=weight.dtype)
         return self.ttt
 
-    def forward(self, x: torch.Tensor, cross_attention_src: torch.Tensor | None = None):
-        # Same sequence as moshi's layer, with the TTT block inserted before the feed-forward.
-        with ExitStack() as stack:
-            if x.device.type != "cuda":
-                stack.enter_context(no_compile())
-            x = self._sa_block(x)
-            if self.cross_attention is not None:
-                assert cross_attention_src is not None
-                x = self._cross_attention_block(x, cross_attention_src)
-            else:
-                assert cross_attention_src is None
-            if self.ttt is not None:
-                x = self.ttt(x)
-            x = self._ff_block(x)
-            state = self._streaming_state
-            if state:
-                state.offset_cpu += x.shape[1]
-            return x
+    # moshi's layer forward runs ``_sa_block``, (cross-attention,) ``_ff_block`` and advances the
+    # streaming offset; the TTT block hooks into the first or the last of these, per ``placement``.
+    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ttt is not None and self.ttt.config.placement == "before_attention":
+            x = self.ttt(x)
+        return super()._sa_block(x)
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ttt is not None and self.ttt.config.placement == "after_attention":
+            x = self.ttt(x)
+        return super()._ff_block(x)

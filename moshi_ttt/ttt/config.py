@@ -52,11 +52,32 @@ class TTTConfig:
             ttt-lm-pytorch does). Default False: the memory should be addressed by content, and
             keys written minutes apart must match regardless of their position.
         rope_theta: RoPE base when ``rope`` is True.
-        init_std: std of the normal init of the learned initial fast weights W1, W2.
+        init_std: std of the normal init of the learned initial fast weights W1 and W2. None (the
+            default) is the fan-in init: W1 ~ N(0, 1/|xk|^2) (1 with ``qk_l2_norm``, whose keys
+            have unit norm; 1/d without) and W2 ~ N(0, 1/(4 d)), so that the inner MLP starts with
+            unit-scale pre-activations. Much smaller weights leave a memory that stores nothing:
+            with unit-norm keys and 0.02 (ttt-lm's value, for unnormalised inputs), 8 key -> value
+            bindings written 4 times each are retrieved at chance (1/8) at head dims 16 to 128;
+            with the fan-in init, 80-100% (``tests/test_ttt_memory.py``).
         short_conv: taps of a causal depthwise convolution on the inputs of the inner queries,
             keys and values (0 or 1: none). With 2 or more, frame t's key can include frame t-1,
             so that a key at t-1 binds to a value at t (ttt-lm's conv_q/conv_k, fla's short conv).
             Exact in the three execution modes: its input tail is carried in the state.
+        bind_init: start the memory as a "what follows what" store: ``wq`` starts equal to ``wk``,
+            and with ``short_conv >= 2`` the key kernel starts as a one-frame shift (the key of
+            frame t is frame t-1) while the query and value kernels start as identity. A frame's
+            query then finds, from the first step, the value written the last time the same content
+            came one frame before, which is what next-frame prediction needs from a memory; training
+            moves all of it. False: independent ``wq``/``wk`` draws and identity kernels.
+        placement: where a host layer runs the memory (for the integration; the layer itself does
+            not use it). "after_attention": attention, TTT, feed-forward (the design's layer).
+            "before_attention": TTT, attention, feed-forward -- the memory reads and writes the
+            layer's input rather than a mix of the attention window; on the key -> value ladder
+            it is the placement whose memory the outer model learned to use within a CPU budget.
+        kernels: how the operator runs (``moshi_ttt.ttt.dispatch``): "torch" (the PyTorch forms;
+            the default while the Triton kernels have not run on a GPU), "auto" (the Triton
+            kernels for CUDA tensors they support, PyTorch otherwise) or "triton" (the kernels, an
+            error naming why where they cannot run). A runtime choice: it changes speed, not results.
     """
 
     enable: bool = True
@@ -72,8 +93,11 @@ class TTTConfig:
     qk_l2_norm: bool = True
     rope: bool = False
     rope_theta: float = 10000.0
-    init_std: float = 0.02
+    init_std: float | None = None
     short_conv: int = 0
+    bind_init: bool = True
+    placement: Literal["after_attention", "before_attention"] = "after_attention"
+    kernels: Literal["auto", "torch", "triton"] = "torch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,8 +129,14 @@ class TTTConfig:
             raise bad("persistent_states", "must be true or false")
         if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0:
             raise bad("short_conv", "must be an integer >= 0 (taps; 0 or 1: no convolution)")
-        if self.init_std < 0:
-            raise bad("init_std", "must be >= 0")
+        if self.placement not in ("after_attention", "before_attention"):
+            raise bad("placement", "must be 'after_attention' or 'before_attention'")
+        if not isinstance(self.bind_init, bool):
+            raise bad("bind_init", "must be true or false")
+        if self.init_std is not None and (not isinstance(self.init_std, (int, float)) or self.init_std < 0):
+            raise bad("init_std", "must be null (fan-in init) or a number >= 0")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise bad("kernels", "must be 'auto', 'torch' or 'triton'")
         if not _valid_layer_spec(self.layers):
             raise bad("layers", "unknown layer spec; use 'all', 'middle', 'none', 'every:K' (K >= 1) or a list "
                       "of layer indices")

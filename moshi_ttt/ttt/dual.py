@@ -156,6 +156,45 @@ def _mb_forward(xq, xk, c0, lr, eta, el, lw, W1, b1, W2, b2, sums, closes: bool,
     return z2q, new_w, new_sums, S, saved
 
 
+def _acc_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``acc + alpha * a @ b`` (batched) in one op, where ``acc`` None stands for zero; alpha is 1 or -1."""
+    if acc is None:
+        out = torch.bmm(a, b)
+        return out.neg_() if alpha == -1.0 else out
+    return torch.baddbmm(acc, a, b, alpha=alpha)
+
+
+def _acc_tok(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``acc + (sum of x over the token rows)``, where ``acc`` None stands for zero."""
+    return _tok_sum(x) if acc is None else acc + _tok_sum(x)
+
+
+def _readout_vjp(dz, x, y, W, a, p, in_, eta, mask, G, dW, db, dP, dY, dG, dg):
+    """Backward of one layer of the dual-form readout, for either layer:
+
+        Z = X W + b - eta * in,   in = X G + g + A P,   A = M (X Y^T + 1)
+
+    (layer 1: X = Xq, Y = Xk; layer 2: X = X2q, Y = X2k), with X [N, n, c], W [N, c, c'],
+    P, dz [N, n, c'], A [N, n, n], eta [1, n, 1]; G the carried sums or None (zero).
+    Adds onto the gradients dW, db, dP, dY, dG, dg (None: zero so far) and returns
+    ``(dX, dW, db, d_eta, dP, dY, dG, dg)``, with ``d_eta`` [N, n, 1] without its minus sign.
+    """
+    e = eta * dz
+    xT = x.transpose(1, 2)
+    dW = _acc_mm(dW, xT, dz)
+    db = _acc_tok(db, dz)
+    d_eta = (dz * in_).sum(-1, keepdim=True)
+    dA = torch.bmm(e, p.transpose(1, 2)).mul_(mask)                      # = -dL/dA
+    dP = _acc_mm(dP, a.transpose(1, 2), e, -1.0)
+    dX = torch.baddbmm(torch.bmm(dz, W.transpose(1, 2)), dA, y, alpha=-1.0)
+    dY = _acc_mm(dY, dA.transpose(1, 2), x, -1.0)
+    if G is not None:
+        dX = torch.baddbmm(dX, e, G.transpose(1, 2), alpha=-1.0)
+        dG = _acc_mm(dG, xT, e, -1.0)
+        dg = -_tok_sum(e) if dg is None else dg - _tok_sum(e)
+    return dX, dW, db, d_eta, dP, dY, dG, dg
+
+
 class _MiniBatch(torch.autograd.Function):
     """Autograd node of one mini-batch: inputs as ``_mb_forward``; outputs z2q, the four new
     weights and (when the mini-batch does not close) the four new sums."""
@@ -189,7 +228,7 @@ class _MiniBatch(torch.autograd.Function):
         (z1k, x2k, xh, rstd, q, gh, gz2, h1, gz1, p1, p2, a1, in1, z1q, x2q, a2, in2, mask) = t[:18]
         S = t[18:]
         bmm, baddbmm = torch.bmm, torch.baddbmm
-        xqT, xkT, x2qT, x2kT = xq.transpose(1, 2), xk.transpose(1, 2), x2q.transpose(1, 2), x2k.transpose(1, 2)
+        xkT, x2kT = xk.transpose(1, 2), x2k.transpose(1, 2)
         W1T, W2T = W1.transpose(1, 2), W2.transpose(1, 2)
 
         # ---- state outputs: direct weight gradients and the sums' gradient dS
@@ -207,49 +246,26 @@ class _MiniBatch(torch.autograd.Function):
         # S1 = G1 + Xk^T P1, s1 = g1 + 1^T P1, S2 = G2 + X2k^T P2, s2 = g2 + 1^T P2
         dP1 = dXk = dP2 = dX2k = None
         if dS1 is not None:
-            dP1 = bmm(xk, dS1) if ds1 is None else baddbmm(ds1, xk, dS1)
+            dP1 = _acc_mm(ds1, xk, dS1)
             dXk = bmm(p1, dS1.transpose(1, 2))
         elif ds1 is not None:
             dP1 = ds1.expand_as(p1)
         if dS2 is not None:
-            dP2 = bmm(x2k, dS2) if ds2 is None else baddbmm(ds2, x2k, dS2)
+            dP2 = _acc_mm(ds2, x2k, dS2)
             dX2k = bmm(p2, dS2.transpose(1, 2))
         elif ds2 is not None:
             dP2 = ds2.expand_as(p2)
 
         d_eta = dXq = None
         if dz2q is not None:
-            # ---- Z2q = X2q W2 + b2 - eta * in2,  in2 = X2q G2 + g2 + A2 P2,  A2 = M (X2q X2k^T + 1)
-            e2 = eta * dz2q
-            dW2 = bmm(x2qT, dz2q) if dW2 is None else baddbmm(dW2, x2qT, dz2q)
-            db2 = _tok_sum(dz2q) if db2 is None else db2 + _tok_sum(dz2q)
-            d_eta = (dz2q * in2).sum(-1, keepdim=True)                   # minus sign applied below
-            dA2 = bmm(e2, p2.transpose(1, 2)).mul_(mask)                 # = -dL/dA2
-            dP2 = bmm(a2.transpose(1, 2), e2).neg_() if dP2 is None else baddbmm(dP2, a2.transpose(1, 2), e2,
-                                                                                 alpha=-1.0)
-            dX2q = baddbmm(bmm(dz2q, W2T), dA2, x2k, alpha=-1.0)
-            dX2k = bmm(dA2.transpose(1, 2), x2q).neg_() if dX2k is None else baddbmm(dX2k, dA2.transpose(1, 2), x2q,
-                                                                                     alpha=-1.0)
-            if has_sums:
-                dX2q = baddbmm(dX2q, e2, G2.transpose(1, 2), alpha=-1.0)
-                dG2 = bmm(x2qT, e2).neg_() if dG2 is None else baddbmm(dG2, x2qT, e2, alpha=-1.0)
-                dg2 = -_tok_sum(e2) if dg2 is None else dg2 - _tok_sum(e2)
-            # ---- Z1q = Xq W1 + b1 - eta * in1,  in1 = Xq G1 + g1 + A1 P1,  A1 = M (Xq Xk^T + 1)
+            # ---- the readouts, layer 2 then layer 1 (see _readout_vjp): Z2q from X2q (keys X2k),
+            # Z1q from Xq (keys Xk); eta's gradient is the sum of both, with the minus sign.
+            dX2q, dW2, db2, d_eta, dP2, dX2k, dG2, dg2 = _readout_vjp(
+                dz2q, x2q, x2k, W2, a2, p2, in2, eta, mask, G2, dW2, db2, dP2, dX2k, dG2, dg2)
             dz1q = _gelu_vjp(dX2q, z1q)
-            e1 = eta * dz1q
-            dW1 = bmm(xqT, dz1q) if dW1 is None else baddbmm(dW1, xqT, dz1q)
-            db1 = _tok_sum(dz1q) if db1 is None else db1 + _tok_sum(dz1q)
-            d_eta = d_eta.add_((dz1q * in1).sum(-1, keepdim=True)).neg_()
-            dA1 = bmm(e1, p1.transpose(1, 2)).mul_(mask)                 # = -dL/dA1
-            dP1 = bmm(a1.transpose(1, 2), e1).neg_() if dP1 is None else baddbmm(dP1, a1.transpose(1, 2), e1,
-                                                                                 alpha=-1.0)
-            dXq = baddbmm(bmm(dz1q, W1T), dA1, xk, alpha=-1.0)
-            dXk = bmm(dA1.transpose(1, 2), xq).neg_() if dXk is None else baddbmm(dXk, dA1.transpose(1, 2), xq,
-                                                                                 alpha=-1.0)
-            if has_sums:
-                dXq = baddbmm(dXq, e1, G1.transpose(1, 2), alpha=-1.0)
-                dG1 = bmm(xqT, e1).neg_() if dG1 is None else baddbmm(dG1, xqT, e1, alpha=-1.0)
-                dg1 = -_tok_sum(e1) if dg1 is None else dg1 - _tok_sum(e1)
+            dXq, dW1, db1, d_eta1, dP1, dXk, dG1, dg1 = _readout_vjp(
+                dz1q, xq, xk, W1, a1, p1, in1, eta, mask, G1, dW1, db1, dP1, dXk, dG1, dg1)
+            d_eta = d_eta.add_(d_eta1).neg_()
 
         dc0 = dlw = dlr = None
         if dP1 is not None or dP2 is not None:
@@ -263,7 +279,7 @@ class _MiniBatch(torch.autograd.Function):
             # ---- Gz1 = H1 * gelu'(Z1k), H1 = Gz2 W2^T
             dh1 = _gelu_vjp(dgz1, z1k)
             dgz2 = baddbmm(dP2 * lr, dh1, W2)
-            dW2 = bmm(dh1.transpose(1, 2), gz2) if dW2 is None else baddbmm(dW2, dh1.transpose(1, 2), gz2)
+            dW2 = _acc_mm(dW2, dh1.transpose(1, 2), gz2)
             dz1k = (dgz1 * h1).mul_(_gelu_d2(z1k))
             # ---- Gz2 = rstd * (Gh - mean(Gh) - xh mean(Gh xh)), Gh = lw * q, q = lw xh + c0
             v = dgz2 * rstd
@@ -277,13 +293,13 @@ class _MiniBatch(torch.autograd.Function):
             m2 = _rowmean(dxh * xh).add_(_rowmean(dgz2 * gz2))
             dz2k = torch.addcmul(dxh - _rowmean(dxh), xh, m2, value=-1.0).mul_(rstd)
             # ---- Z2k = X2k W2 + b2, X2k = gelu(Z1k), Z1k = Xk W1 + b1
-            dX2k = bmm(dz2k, W2T) if dX2k is None else baddbmm(dX2k, dz2k, W2T)
+            dX2k = _acc_mm(dX2k, dz2k, W2T)
             dW2 = baddbmm(dW2, x2kT, dz2k)
-            db2 = _tok_sum(dz2k) if db2 is None else db2 + _tok_sum(dz2k)
+            db2 = _acc_tok(db2, dz2k)
             dz1k = dz1k.add_(_gelu_vjp(dX2k, z1k))
-            dXk = bmm(dz1k, W1T) if dXk is None else baddbmm(dXk, dz1k, W1T)
-            dW1 = bmm(xkT, dz1k) if dW1 is None else baddbmm(dW1, xkT, dz1k)
-            db1 = _tok_sum(dz1k) if db1 is None else db1 + _tok_sum(dz1k)
+            dXk = _acc_mm(dXk, dz1k, W1T)
+            dW1 = _acc_mm(dW1, xkT, dz1k)
+            db1 = _acc_tok(db1, dz1k)
         if d_eta is not None:
             d_eta = d_eta.sum(0, keepdim=True)
         return (dXq, dXk, dc0, dlr, d_eta, d_el, dlw, dW1, db1, dW2, db2, dG1, dg1, dG2, dg2, None)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TTTConfig
-from .kernels.dispatch import try_step_
-from .ops import default_token_idx, ttt_mlp, ttt_mlp_step_
+from .dispatch import ttt_mlp, ttt_step_
+from .ops import default_token_idx
 from .state import TTTState, carry_state, init_state, reset_state, reset_state_, select_state
 
 
@@ -81,24 +81,37 @@ class TTTMLP(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """(Re)initialise every TTT parameter; also used after meta-device construction."""
-        std = self.config.init_std
+        std1, std2 = self.fast_weight_init_std()
         for lin in (self.wq, self.wk, self.wv, self.wo):
             # 1/sqrt(fan-in): dim for wq/wk/wv, the inner width E for wo (equal when E == dim).
             nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
+        if self.config.bind_init:  # a frame's query matches the key its content wrote (see TTTConfig)
+            self.wq.weight.copy_(self.wk.weight)
         nn.init.normal_(self.lr_gate.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
         nn.init.zeros_(self.learnable_token_idx)
         nn.init.ones_(self.ttt_norm_weight)
         nn.init.zeros_(self.ttt_norm_bias)
-        nn.init.normal_(self.W1, std=std)
+        nn.init.normal_(self.W1, std=std1)
         nn.init.zeros_(self.b1)
-        nn.init.normal_(self.W2, std=std)
+        nn.init.normal_(self.W2, std=std2)
         nn.init.zeros_(self.b2)
         self.post_norm.reset_parameters()
         nn.init.constant_(self.gating_alpha, self.config.initial_gating_alpha)
-        if self.config.short_conv > 1:  # identity at init: the current frame only
+        if self.config.short_conv > 1:  # identity (the current frame only) at init ...
             nn.init.zeros_(self.conv_weight)
             self.conv_weight[..., -1] = 1.0
+            if self.config.bind_init:  # ... but the key reads the previous frame: it binds to the next
+                self.conv_weight[1, :, -1] = 0.0
+                self.conv_weight[1, :, -2] = 1.0
+
+    def fast_weight_init_std(self) -> tuple[float, float]:
+        """Init std of W1 and W2: ``config.init_std`` for both, or the fan-in init when None
+        (unit-scale pre-activations for the keys the inner model sees; see ``TTTConfig.init_std``)."""
+        if self.config.init_std is not None:
+            return float(self.config.init_std), float(self.config.init_std)
+        key_norm = 1.0 if self.config.qk_l2_norm else math.sqrt(self.head_dim)  # |xk| of unit-variance entries
+        return 1.0 / key_norm, 1.0 / math.sqrt(4 * self.head_dim)
 
     def base_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.W1, self.b1, self.W2, self.b2
@@ -198,7 +211,8 @@ class TTTMLP(nn.Module):
             x: [B, T, dim] (the host's normalised residual stream).
             state: the memory carried from the previous call; None starts fresh.
             exec_mask: [B] bool; samples with False get outputs but keep ``state`` exactly.
-            impl: operator implementation, see ``ttt_mlp``.
+            impl: operator implementation, see ``dispatch.ttt_mlp`` ("auto": ``config.kernels``
+                chooses between the PyTorch forms and the Triton kernels).
             inplace: the caller owns ``state`` and allows one-frame no-grad steps to update it in
                 place (the fused streaming kernel, allocation-free for CUDA graphs) when available.
         Returns:
@@ -219,7 +233,7 @@ class TTTMLP(nn.Module):
         # attention's keys), only by file/conversation resets.
         state = state.core()
         ln_w, ln_b, tok = self.ttt_norm_weight, self.ttt_norm_bias, self.token_idx()
-        K = self.config.mini_batch_size
+        K, kern = self.config.mini_batch_size, self.config.kernels
         if inplace and T == 1 and impl == "auto" and not torch.is_grad_enabled():
             # Streaming (LMGen): update the caller's state in place, no host sync, no new state.
             if not self.config.persistent_states:
@@ -227,16 +241,14 @@ class TTTMLP(nn.Module):
                 if exec_mask is not None:  # a sample that does not execute keeps its state exactly
                     due = due & exec_mask.to(due.device)
                 reset_state_(state, self.base_weights(), due)
-            out = try_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
-            if out is None:  # no fused kernel here (CPU, or kernels off): the same step in torch
-                out = ttt_mlp_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask)
+            out = ttt_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask, kernels=kern)
             if new_tail is not None:  # the convolution's tail, in place too (exec mask honoured)
                 keep = exec_mask.view(-1, 1, 1).to(new_tail.device) if exec_mask is not None else None
                 old.conv.copy_(new_tail if keep is None else torch.where(keep, new_tail, old.conv))
             return self.readout(out), old
 
         if self.config.persistent_states:
-            out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
+            out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl, kernels=kern)
         else:
             # Reset every chunk_frames frames, counted since the last reset, so that full-sequence,
             # chunked and frame-by-frame runs reset at the same frames.
@@ -247,7 +259,7 @@ class TTTMLP(nn.Module):
                 if exec_mask is not None:  # as the in-place step: a non-executing sample is untouched
                     due = due & exec_mask.to(due.device)
                 state = reset_state(state, fresh, due)
-                out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl)
+                out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl, kernels=kern)
             else:
                 outs, t = [], 0
                 while t < T:
@@ -255,7 +267,7 @@ class TTTMLP(nn.Module):
                     n = min(T - t, int((P - state.pos).min()))
                     sl = slice(t, t + n)
                     o, state = ttt_mlp(xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl],
-                                       ln_w, ln_b, state, K, tok, impl=impl)
+                                       ln_w, ln_b, state, K, tok, impl=impl, kernels=kern)
                     outs.append(o)
                     t += n
                 out = torch.cat(outs, dim=2)

@@ -16,7 +16,7 @@ followed by ``w * . + b`` and ``f_W(x) = gelu_tanh(x W1 + b1) W2 + b2``:
   ``W_i = W0 - token_idx[i] * sum_{j <= i} lr_j grad l_j(W0)`` and outputs
   ``out_i = xq_i + LN(f_{W_i}(xq_i))``; at the end of a full mini-batch the state becomes ``W_{K-1}``.
 
-Implementations, which agree:
+Implementations here (PyTorch), which agree:
 * the dual (matrix) form for sequences (training, prefill): one autograd node per inner
   mini-batch with an analytic backward (``dual.py``; ``impl="dual_autograd"`` is the same form
   differentiated op by op, kept as a cross-check);
@@ -24,7 +24,8 @@ Implementations, which agree:
   no-grad in-place twin ``ttt_mlp_step_`` (the state is updated where it lies, no host sync: the
   torch counterpart of the fused streaming kernel; bit-identical to the per-token form).
 Outer gradients reach every input and the state. The oracle they are tested against is
-``moshi_ttt.ttt.reference`` (float64, autograd inner loop).
+``moshi_ttt.ttt.reference`` (float64, autograd inner loop). The fused Triton kernels
+(``moshi_ttt.ttt.kernels``) are a sibling that this module does not import; ``dispatch.py`` chooses.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from .dual import _one, dual_same_offset
-from .kernels.dispatch import try_kernel
 from .state import TTTState, init_state
 
 __all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_dual_autograd", "ttt_mlp_token", "ttt_mlp_step_",
@@ -113,6 +113,16 @@ def _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, K: int, t
         raise ValueError(f"mini_batch_size must be >= 1, got {K}")
     if token_idx is not None and tuple(token_idx.shape) != (K,):
         raise ValueError(f"token_idx must be [mini_batch_size] = [{K}], got {tuple(token_idx.shape)}")
+
+
+def _in_state_dtype(xq: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, K: int,
+                    token_idx: torch.Tensor | None) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compute dtype (the state's, e.g. fp32 under a bf16 model) and, in it, token_idx [K]
+    (default ``1/(i+1)``) and the inner layer-norm affine as [H, 1, d] (broadcast over tokens)."""
+    dt = state.W1.dtype
+    if token_idx is None:
+        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
+    return dt, token_idx.to(dt), ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
 
 
 # ----------------------------------------------------------------------------- dual form
@@ -212,13 +222,9 @@ def _dual_impl(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batch_s
                token_idx: torch.Tensor | None, same_offset) -> tuple[torch.Tensor, TTTState]:
     K = mini_batch_size
     _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
-    dt = state.W1.dtype
-    if token_idx is None:
-        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
-    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    dt, token_idx, ln_w, ln_b = _in_state_dtype(xq, ln_weight, ln_bias, state, K, token_idx)
     out, new = _by_offset(
-        lambda q, k, v, r, state, offset: same_offset(q, k, v, r, ln_w, ln_b, state, K,
-                                                      token_idx.to(dt), offset),
+        lambda q, k, v, r, state, offset: same_offset(q, k, v, r, ln_w, ln_b, state, K, token_idx, offset),
         xq.to(dt), xk.to(dt), xv.to(dt), lr.to(dt), state, K,
     )
     return out.to(xq.dtype), new
@@ -251,11 +257,7 @@ def ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state: TTTState, mini_batc
     """
     K = mini_batch_size
     _check_shapes(xq, xk, xv, lr, ln_weight, ln_bias, state, K, token_idx)
-    dt = state.W1.dtype
-    if token_idx is None:
-        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
-    token_idx = token_idx.to(dt)
-    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    dt, token_idx, ln_w, ln_b = _in_state_dtype(xq, ln_weight, ln_bias, state, K, token_idx)
     B, H, T, d = xq.shape
     outs = []
     for t in range(T):
@@ -373,11 +375,7 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
             return ttt_mlp_step_(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx,
                                  exec_mask)
     K = mini_batch_size
-    dt = state.W1.dtype
-    if token_idx is None:
-        token_idx = default_token_idx(K, device=xq.device, dtype=dt)
-    token_idx = token_idx.to(dt)
-    ln_w, ln_b = ln_weight.unsqueeze(1).to(dt), ln_bias.unsqueeze(1).to(dt)
+    dt, token_idx, ln_w, ln_b = _in_state_dtype(xq, ln_weight, ln_bias, state, K, token_idx)
     B, H, _, d = xq.shape
     xq_, xk_, xv_, lr_ = (t.to(dt) for t in (xq, xk, xv, lr))
     xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx,
@@ -412,13 +410,13 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     return out.to(xq.dtype)
 
 
-# ----------------------------------------------------------------------------- dispatch
+# ----------------------------------------------------------------------------- the operator
 def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
             ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: TTTState, mini_batch_size: int,
             token_idx: torch.Tensor | None = None, *,
-            impl: Literal["auto", "dual", "dual_autograd", "token", "triton"] = "auto",
+            impl: Literal["auto", "dual", "dual_autograd", "token"] = "auto",
             ) -> tuple[torch.Tensor, TTTState]:
-    """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state``.
+    """Run the TTT-MLP operator over ``T >= 1`` tokens, continuing from ``state`` (PyTorch forms).
 
     Args:
         xq, xk, xv: [B, H, T, d] inner queries, keys, values.
@@ -428,25 +426,19 @@ def ttt_mlp(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tens
         mini_batch_size: K, tokens per inner step.
         token_idx: [K] step-size multipliers per mini-batch position; default ``1/(i+1)``.
         impl: "dual" (matrix form, analytic backward), "dual_autograd" (the same, differentiated
-            by autograd), "token" (per-token), "triton" (fused kernels, CUDA), or
-            "auto": the fused kernels when enabled (``MOSHI_TTT_KERNELS=1``) and supported,
-            else token for T == 1 and dual otherwise.
+            by autograd), "token" (per-token), or "auto": token for T == 1, dual otherwise.
+            The Triton kernels are a sibling of this module, chosen above both by
+            ``moshi_ttt.ttt.dispatch`` (``ttt_mlp(..., kernels=...)``).
     Returns:
         out [B, H, T, d] (dtype of xq) and the new state; the input state is not modified.
     """
     if impl == "auto":
-        res = try_kernel(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
-        if res is not None:
-            return res
         impl = "token" if xq.shape[2] == 1 else "dual"
-    if impl == "triton":
-        from .kernels import ttt_mlp_triton
-
-        return ttt_mlp_triton(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "dual":
         return ttt_mlp_dual(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "dual_autograd":
         return ttt_mlp_dual_autograd(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
     if impl == "token":
         return ttt_mlp_token(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx)
-    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'dual_autograd', 'token' or 'triton'")
+    raise ValueError(f"unknown impl {impl!r}; use 'auto', 'dual', 'dual_autograd' or 'token' "
+                     "(the Triton kernels: moshi_ttt.ttt.dispatch.ttt_mlp)")

@@ -11,23 +11,25 @@ compiles or decorates a kernel):
 * ``ttt_step_triton_(xq, xk, xv, lr, ln_weight, ln_bias, state, mini_batch_size, token_idx=None,
   *, out=None, exec_mask=None) -> out``: one streaming token, updating ``state`` in place;
   allocation-free and CUDA-graph safe.
-* ``try_kernel(...)`` (in ``dispatch``): the hook for ``ttt_mlp(impl="auto")``; None when the
-  kernels do not apply. ``try_step_(...)``: the same for the layer's streaming (T=1, no-grad)
-  path, updating the state in place.
+* ``kernel_unavailable_reason(...)``, ``call_unsupported_reason(xq, ..., state, K, step=False)``
+  (in ``support``): why the kernels cannot run a problem or a given call, or None.
+
+This package does not know the PyTorch forms (``moshi_ttt.ttt.ops``), nor they it: which one runs
+is chosen above both, in ``moshi_ttt.ttt.dispatch``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .dispatch import kernel_available, kernel_unavailable_reason, try_kernel, try_step_
+from .support import call_unsupported_reason, kernel_available, kernel_unavailable_reason
 
 if TYPE_CHECKING:
     import torch
 
     from ..state import TTTState
 
-__all__ = ["kernel_available", "kernel_unavailable_reason", "try_kernel", "try_step_",
+__all__ = ["call_unsupported_reason", "kernel_available", "kernel_unavailable_reason",
            "ttt_mlp_triton", "ttt_step_triton_"]
 
 

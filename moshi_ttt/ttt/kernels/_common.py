@@ -1,4 +1,7 @@
-"""Triton device helpers shared by the TTT-MLP kernels (layer norm, gelu and their derivatives).
+"""Triton device helpers shared by the TTT-MLP kernels: layer norm, gelu and their derivatives,
+the addressing of per-(sample, head) slices and hidden tiles, and the first steps of a mini-batch
+(its tokens; the target, pass A and the layer-2 inner gradient) that the forward and the
+backward's recomputation share.
 
 Every helper works on feature-major tiles ``[D, BK]`` (rows = the head dim ``D``, an exact power
 of two so no masking is needed; columns = tokens of one inner mini-batch, padded to ``BK``) and
@@ -122,3 +125,120 @@ def _ln_l2_grad_vjp(v, gz, xh, rstd, gg, tgt, w, b, D: tl.constexpr):
     dw_cols = dg * (2.0 * wc * xh + b[:, None] - tgt)
     db_cols = dg * wc
     return dz, dtgt, dw_cols, db_cols
+
+
+# ----------------------------------------------------------------------------- program layout
+# Every kernel runs one program per (sample, head) and addresses per-head slices of [B, H, ...]
+# buffers; the helpers below are that addressing, written once.
+@triton.jit
+def _program(H):
+    """(sample b, head h, the program id as int64) of a grid of ``B * H`` programs."""
+    pid = tl.program_id(0)
+    return pid // H, pid % H, pid.to(tl.int64)
+
+
+@triton.jit
+def _bh_offset(b, h, s_b, s_h):
+    """Offset of (sample b, head h) in a tensor of strides (s_b, s_h, ...), in int64."""
+    return b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+
+
+@triton.jit
+def _slot(W1, b1, W2, b2, i, D: tl.constexpr, F: tl.constexpr):
+    """Pointers to slot ``i`` (int64) of weight-shaped buffers W1 [., D, F], b1 [., F], W2 [., F, D],
+    b2 [., D]: a (sample, head)'s state, or one of its checkpoints."""
+    return W1 + i * (D * F), b1 + i * F, W2 + i * (D * F), b2 + i * D
+
+
+@triton.jit
+def _head_ln(lnw_ptr, lnb_ptr, h, D: tl.constexpr, CT: tl.constexpr):
+    """Head h's inner layer-norm weight and bias [D] (rows of [H, D]), cast to CT."""
+    cd = tl.arange(0, D)
+    return tl.load(lnw_ptr + h * D + cd).to(CT), tl.load(lnb_ptr + h * D + cd).to(CT)
+
+
+@triton.jit
+def _ln_affine(x, w, b, D: tl.constexpr, EPS: tl.constexpr):
+    """``LN(x)`` per column of a feature-major tile x [D, BK] with affine w, b [D]: returns
+    (LN(x) [D, BK], xhat [D, BK], rstd [BK])."""
+    xh, rstd = _ln_norm(x, D, EPS)
+    return xh * w[:, None] + b[:, None], xh, rstd
+
+
+@triton.jit
+def _tile_offsets(f0, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr):
+    """Offsets of the hidden tile [f0, f0 + BF) in one head's row-major W1 [D, F], as the
+    transposed tile W1^T [BF, D], and in W2 [F, D] (tile [BF, D])."""
+    cd = tl.arange(0, D)
+    cf = tl.arange(0, BF)
+    return cd[None, :] * F + f0 + cf[:, None], (f0 + cf)[:, None] * D + cd[None, :]
+
+
+@triton.jit
+def _scratch_offsets(f0, BF: tl.constexpr, BK: tl.constexpr):
+    """Offsets of the hidden tile [f0, f0 + BF) in a row-major [F, BK] scratch slot."""
+    return (f0 + tl.arange(0, BF))[:, None] * BK + tl.arange(0, BK)[None, :]
+
+
+# ----------------------------------------------------------------------------- mini-batches
+@triton.jit
+def _mb_constants(tok_ptr, K: tl.constexpr, BK: tl.constexpr, CT: tl.constexpr):
+    """Constants of every mini-batch: causal [BK, BK] (``[j, i]``: token i sees j <= i), eta [BK]
+    (token_idx per position, 0 on the padding past K) and eta_last = token_idx[K - 1]."""
+    rows = tl.arange(0, BK)
+    causal = rows[None, :] >= rows[:, None]
+    eta = tl.load(tok_ptr + rows, mask=rows < K, other=0.0).to(CT)
+    return causal, eta, tl.load(tok_ptr + K - 1).to(CT)
+
+
+@triton.jit
+def _load_tokens(ptr, t, valid, stride_t, D: tl.constexpr, CT: tl.constexpr):
+    """Tokens ``t`` [BK] of a [T, D] slab (token stride ``stride_t``) as a feature-major tile
+    [D, BK], zero where not valid, cast to CT."""
+    cd = tl.arange(0, D)
+    x = tl.load(ptr + cd[:, None] + t[None, :] * stride_t, mask=valid[None, :], other=0.0)
+    return x.to(CT)
+
+
+@triton.jit
+def _mb_tokens(xq_ptr, xk_ptr, lr_ptr, sx_t, sl_t, m, p0, T,
+               K: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, CT: tl.constexpr):
+    """Mini-batch ``m`` of a call whose first token sits at offset ``p0`` of its mini-batch:
+    its token indices t = m K - p0 + row [BK], which of them the call holds (valid [BK]), and
+    xq, xk [D, BK], lr [BK] (zero where not valid; pointers at this (sample, head))."""
+    rows = tl.arange(0, BK)
+    t = m * K - p0 + rows
+    valid = (rows < K) & (t >= 0) & (t < T)
+    xq = _load_tokens(xq_ptr, t, valid, sx_t, D, CT)
+    xk = _load_tokens(xk_ptr, t, valid, sx_t, D, CT)
+    lr = tl.load(lr_ptr + t * sl_t, mask=valid, other=0.0).to(CT)
+    return t, valid, xq, xk, lr
+
+
+@triton.jit
+def _mb_inner_grad(xq, xk, xv, lr, causal, lnw, lnb, W1, b1, W2, b2, Z1K,
+                   BK: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                   EPS: tl.constexpr, PREC: tl.constexpr, KEEP_Z1K: tl.constexpr):
+    """What the forward and the backward of one mini-batch both compute first, at the
+    mini-batch-start weights W1 [D, F], b1 [F], W2 [F, D], b2 [D] (row-major pointers):
+
+    the target LN(xv - xk) (docs/DESIGN.md section 3: normalise the difference), pass A over the hidden
+    tiles ``z2k = W2^T gelu(W1^T xk + b1) + b2`` (the layer-norm gradient needs all of it; with
+    KEEP_Z1K the pre-activation z1k goes to the scratch Z1K [F, BK]), the layer-2 inner
+    gradient gz2 and ``p2 = lr gz2`` [D, BK], and ``a1[j, i] = causal (xk_j . xq_i + 1)`` [BK, BK].
+    Tiles are feature-major: xq, xk, xv [D, BK]; lr [BK]. Returns (z2k, gz2, p2, a1).
+    """
+    CT = xq.dtype
+    tgt, _, _ = _ln_affine(xv - xk, lnw, lnb, D, EPS)
+    z2k = tl.zeros([D, BK], dtype=CT)
+    cf = tl.arange(0, BF)
+    for f0 in range(0, F, BF):
+        o1, o2 = _tile_offsets(f0, D, F, BF)
+        z1k = tl.dot(tl.load(W1 + o1), xk, input_precision=PREC) + tl.load(b1 + f0 + cf)[:, None]  # [BF, BK]
+        if KEEP_Z1K:
+            tl.store(Z1K + _scratch_offsets(f0, BF, BK), z1k)
+        z2k += tl.dot(tl.trans(tl.load(W2 + o2)), _gelu(z1k), input_precision=PREC)
+    z2k += tl.load(b2 + tl.arange(0, D))[:, None]
+    gz2, _, _, _ = _ln_l2_grad(z2k, tgt, lnw, lnb, D, EPS)
+    a1 = tl.where(causal, tl.dot(tl.trans(xk), xq, input_precision=PREC) + 1.0, 0.0)
+    return z2k, gz2, lr[None, :] * gz2, a1

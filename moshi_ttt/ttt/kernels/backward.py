@@ -42,8 +42,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LN_EPS, _gelu, _gelu_d1, _gelu_d2, _ln_l2_grad, _ln_l2_grad_vjp, _ln_norm, _ln_norm_bwd
-from .forward import _copy_weights, _load_tokens, _mb_forward, block_rows, num_mini_batches_max
+from ._common import (
+    LN_EPS,
+    _bh_offset,
+    _gelu,
+    _gelu_d1,
+    _gelu_d2,
+    _head_ln,
+    _ln_affine,
+    _ln_l2_grad,
+    _ln_l2_grad_vjp,
+    _ln_norm,
+    _ln_norm_bwd,
+    _load_tokens,
+    _mb_constants,
+    _mb_inner_grad,
+    _mb_tokens,
+    _program,
+    _scratch_offsets,
+    _slot,
+    _tile_offsets,
+)
+from .forward import _copy_weights, _mb_forward, block_rows, num_mini_batches_max
 
 
 @triton.jit
@@ -68,7 +88,6 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
     M (p1_j . e1_i) with e = eta * dZ; every W1 tile is handled as W1^T [BF, D].
     """
     CT = xq.dtype
-    rows = tl.arange(0, BK)
     cd = tl.arange(0, D)
     cf = tl.arange(0, BF)
     lrr = lr[None, :]
@@ -81,22 +100,11 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
     DGZ1 = scr + 4 * SZ
     DX2K = scr + 5 * SZ
 
-    # ---- target (recomputed at the end rather than held across the passes)
-    xh_t, _ = _ln_norm(_load_tokens(xv_ptr, t, valid, stride_t, D, CT) - xk, D, EPS)
-    tgt = xh_t * lnw[:, None] + lnb[:, None]
-
-    # ---- pass A: Z1k (kept in scratch), Z2k, Gz2
-    z2k = tl.zeros([D, BK], dtype=CT)
-    for f0 in range(0, F, BF):
-        w1t = tl.load(W1 + cd[None, :] * F + f0 + cf[:, None])
-        z1k = tl.dot(w1t, xk, input_precision=PREC) + tl.load(b1 + f0 + cf)[:, None]
-        tl.store(Z1K + (f0 + cf)[:, None] * BK + rows[None, :], z1k)
-        w2 = tl.load(W2 + (f0 + cf)[:, None] * D + cd[None, :])
-        z2k += tl.dot(tl.trans(w2), _gelu(z1k), input_precision=PREC)
-    z2k += tl.load(b2 + cd)[:, None]
-    gz2, _, _, _ = _ln_l2_grad(z2k, tgt, lnw, lnb, D, EPS)
-    p2 = lrr * gz2
-    a1 = tl.where(causal, tl.dot(tl.trans(xk), xq, input_precision=PREC) + 1.0, 0.0)
+    # ---- target (recomputed at the end rather than held across the passes), pass A: Z1k (kept
+    # in scratch), Z2k, Gz2 -- the forward's own first steps
+    xv = _load_tokens(xv_ptr, t, valid, stride_t, D, CT)
+    z2k, gz2, p2, a1 = _mb_inner_grad(xq, xk, xv, lr, causal, lnw, lnb, W1, b1, W2, b2, Z1K,
+                                      BK, D, F, BF, EPS, PREC, True)
     tl.debug_barrier()
 
     # ---- pass B: Gz1, Z1q, layer-2 readout; everything that needs dS (read dW before it changes)
@@ -107,9 +115,8 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
     dxk = tl.zeros([D, BK], dtype=CT)
     dlast = tl.sum(tl.zeros([BK], dtype=CT), axis=0)
     for f0 in range(0, F, BF):
-        o1 = cd[None, :] * F + f0 + cf[:, None]          # W1^T tile [BF, D]
-        o2 = (f0 + cf)[:, None] * D + cd[None, :]        # W2 tile [BF, D]
-        so = (f0 + cf)[:, None] * BK + rows[None, :]     # scratch tile [BF, BK]
+        o1, o2 = _tile_offsets(f0, D, F, BF)             # W1^T tile, W2 tile [BF, D]
+        so = _scratch_offsets(f0, BF, BK)                # scratch tile [BF, BK]
         w1t = tl.load(W1 + o1)
         w2 = tl.load(W2 + o2)
         x2k, gp = _gelu_d1(tl.load(Z1K + so))
@@ -187,9 +194,8 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
     # ---- pass C: layer-1 readout path, dP1, dlr, dGz1; first part of the weight gradients
     mb1 = tl.zeros([BK, BK], dtype=CT)
     for f0 in range(0, F, BF):
-        o1 = cd[None, :] * F + f0 + cf[:, None]
-        o2 = (f0 + cf)[:, None] * D + cd[None, :]
-        so = (f0 + cf)[:, None] * BK + rows[None, :]
+        o1, o2 = _tile_offsets(f0, D, F, BF)
+        so = _scratch_offsets(f0, BF, BK)
         w1t = tl.load(W1 + o1)
         w2 = tl.load(W2 + o2)
         x2k, gp = _gelu_d1(tl.load(Z1K + so))
@@ -233,8 +239,7 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
     dxk -= tl.dot(xq, tl.trans(mb1), input_precision=PREC)
 
     # ---- inner-loss gradient path: Gz2 = dLN-l2(Z2k, Tg); Tg = LN(Xv - Xk) (both recomputed)
-    xh_t, rstd_t = _ln_norm(_load_tokens(xv_ptr, t, valid, stride_t, D, CT) - xk, D, EPS)
-    tgt = xh_t * lnw[:, None] + lnb[:, None]
+    tgt, xh_t, rstd_t = _ln_affine(_load_tokens(xv_ptr, t, valid, stride_t, D, CT) - xk, lnw, lnb, D, EPS)
     gz2, xh_z, rstd_z, gg_z = _ln_l2_grad(z2k, tgt, lnw, lnb, D, EPS)
     dz2k, dtgt, dw_c, db_c = _ln_l2_grad_vjp(dgz2, gz2, xh_z, rstd_z, gg_z, tgt, lnw, lnb, D)
     dlnw += tl.sum(dw_c + dtgt * xh_t, axis=1)
@@ -246,9 +251,8 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
 
     # ---- pass D: back to Z1k (through X2k and through gelu'(Z1k) in Gz1), rest of dW
     for f0 in range(0, F, BF):
-        o1 = cd[None, :] * F + f0 + cf[:, None]
-        o2 = (f0 + cf)[:, None] * D + cd[None, :]
-        so = (f0 + cf)[:, None] * BK + rows[None, :]
+        o1, o2 = _tile_offsets(f0, D, F, BF)
+        so = _scratch_offsets(f0, BF, BK)
         w1t = tl.load(W1 + o1)
         w2 = tl.load(W2 + o2)
         x2k, gp, gpp = _gelu_d2(tl.load(Z1K + so))
@@ -295,34 +299,23 @@ def _ttt_bwd_kernel(
     Outputs dxq/dxk/dxv [B, H, T, D], dlr [B, H, T], and per-(b, h) partial sums dlnw, dlnb
     [B, H, D] and dtok [B, H, BK] that the host reduces.
     """
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    pid64 = pid.to(tl.int64)
+    b, h, pid64 = _program(H)
     CT = dW1_ptr.dtype.element_ty
-    WS1 = D * F
-    xoff = b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
-    loff = b.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h
-    dooff = b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
-    dxoff = b.to(tl.int64) * sdx_b + h.to(tl.int64) * sdx_h
-    dloff = b.to(tl.int64) * sdl_b + h.to(tl.int64) * sdl_h
-    G1p = G1_ptr + pid64 * WS1
-    g1p = g1_ptr + pid64 * F
-    G2p = G2_ptr + pid64 * WS1
-    g2p = g2_ptr + pid64 * D
+    xoff = _bh_offset(b, h, sx_b, sx_h)
+    loff = _bh_offset(b, h, sl_b, sl_h)
+    dooff = _bh_offset(b, h, sdo_b, sdo_h)
+    dxoff = _bh_offset(b, h, sdx_b, sdx_h)
+    dloff = _bh_offset(b, h, sdl_b, sdl_h)
+    G1p, g1p, G2p, g2p = _slot(G1_ptr, g1_ptr, G2_ptr, g2_ptr, pid64, D, F)
+    dW1p, db1p, dW2p, db2p = _slot(dW1_ptr, db1_ptr, dW2_ptr, db2_ptr, pid64, D, F)
+    dS1p, ds1p, dS2p, ds2p = _slot(dS1_ptr, ds1_ptr, dS2_ptr, ds2_ptr, pid64, D, F)
+    dG1p, dg1p, dG2p, dg2p = _slot(dG1_ptr, dg1_ptr, dG2_ptr, dg2_ptr, pid64, D, F)
     scr = scr_ptr + pid64 * 6 * BK * F
-    dW1p = dW1_ptr + pid64 * WS1
-    db1p = db1_ptr + pid64 * F
-    dW2p = dW2_ptr + pid64 * WS1
-    db2p = db2_ptr + pid64 * D
 
     rows = tl.arange(0, BK)
     cd = tl.arange(0, D)
-    causal = rows[None, :] >= rows[:, None]  # [j, i]: token i sees j <= i
-    lnw = tl.load(lnw_ptr + h * D + cd).to(CT)
-    lnb = tl.load(lnb_ptr + h * D + cd).to(CT)
-    eta = tl.load(tok_ptr + rows, mask=rows < K, other=0.0).to(CT)
-    eta_last = tl.load(tok_ptr + K - 1).to(CT)
+    lnw, lnb = _head_ln(lnw_ptr, lnb_ptr, h, D, CT)
+    causal, eta, eta_last = _mb_constants(tok_ptr, K, BK, CT)
 
     dtok = tl.zeros([BK], dtype=CT)
     dlnw = tl.zeros([D], dtype=CT)
@@ -336,48 +329,37 @@ def _ttt_bwd_kernel(
         m0 = g * CK
         n = tl.minimum(M - m0, CK)
         # Recompute the start weights of the group's mini-batches from its checkpoint.
-        slot = pid64 * NC + g
         r0 = pid64 * CK
-        _copy_weights(C1_ptr + slot * WS1, c1_ptr + slot * F, C2_ptr + slot * WS1, c2_ptr + slot * D,
-                      R1_ptr + r0 * WS1, r1_ptr + r0 * F, R2_ptr + r0 * WS1, r2_ptr + r0 * D, D, F, BF)
+        C1p, c1p, C2p, c2p = _slot(C1_ptr, c1_ptr, C2_ptr, c2_ptr, pid64 * NC + g, D, F)
+        R1p, r1p, R2p, r2p = _slot(R1_ptr, r1_ptr, R2_ptr, r2_ptr, r0, D, F)
+        _copy_weights(C1p, c1p, C2p, c2p, R1p, r1p, R2p, r2p, D, F, BF)
         tl.debug_barrier()
         for c in range(0, n - 1):
             m = m0 + c
-            t = m * K - p0 + rows
-            valid = (rows < K) & (t >= 0) & (t < T)
-            xq = _load_tokens(xq_ptr + xoff, t, valid, sx_t, D, CT)
-            xk = _load_tokens(xk_ptr + xoff, t, valid, sx_t, D, CT)
+            t, valid, xq, xk, lr = _mb_tokens(xq_ptr + xoff, xk_ptr + xoff, lr_ptr + loff, sx_t, sl_t, m, p0, T,
+                                              K, D, BK, CT)
             xv = _load_tokens(xv_ptr + xoff, t, valid, sx_t, D, CT)
-            lr = tl.load(lr_ptr + loff + t * sl_t, mask=valid, other=0.0).to(CT)
-            ra = r0 + c
-            rb = ra + 1
+            Ra1, ra1, Ra2, ra2 = _slot(R1_ptr, r1_ptr, R2_ptr, r2_ptr, r0 + c, D, F)
+            Rb1, rb1, Rb2, rb2 = _slot(R1_ptr, r1_ptr, R2_ptr, r2_ptr, r0 + c + 1, D, F)
             # Not the group's last mini-batch, hence not the call's last: it closes.
             _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
-                        R1_ptr + ra * WS1, r1_ptr + ra * F, R2_ptr + ra * WS1, r2_ptr + ra * D,
-                        R1_ptr + rb * WS1, r1_ptr + rb * F, R2_ptr + rb * WS1, r2_ptr + rb * D,
-                        G1p, g1p, G2p, g2p, G1p, g1p, G2p, g2p,
+                        Ra1, ra1, Ra2, ra2, Rb1, rb1, Rb2, rb2, G1p, g1p, G2p, g2p, G1p, g1p, G2p, g2p,
                         m == 0, True, False, BK, D, F, BF, EPS, PREC, False)
             tl.debug_barrier()
         # Backward through the group, last mini-batch first.
         for ci in range(0, n):
             c = n - 1 - ci
             m = m0 + c
-            t = m * K - p0 + rows
-            valid = (rows < K) & (t >= 0) & (t < T)
-            xq = _load_tokens(xq_ptr + xoff, t, valid, sx_t, D, CT)
-            xk = _load_tokens(xk_ptr + xoff, t, valid, sx_t, D, CT)
-            lr = tl.load(lr_ptr + loff + t * sl_t, mask=valid, other=0.0).to(CT)
+            t, valid, xq, xk, lr = _mb_tokens(xq_ptr + xoff, xk_ptr + xoff, lr_ptr + loff, sx_t, sl_t, m, p0, T,
+                                              K, D, BK, CT)
             dout = _load_tokens(do_ptr + dooff, t, valid, sdo_t, D, CT)
-            ra = r0 + c
+            Ra1, ra1, Ra2, ra2 = _slot(R1_ptr, r1_ptr, R2_ptr, r2_ptr, r0 + c, D, F)
             closes = (m + 1) * K <= p0 + T
             opens = (m + 1) * K > p0 + T
             dxq, dxk, dxv, dlr, deta, dlast, dw, db = _mb_backward(
                 xq, xk, xv_ptr + xoff, t, valid, sx_t, lr, eta, eta_last, dout, causal, lnw, lnb,
-                R1_ptr + ra * WS1, r1_ptr + ra * F, R2_ptr + ra * WS1, r2_ptr + ra * D,
-                G1p, g1p, G2p, g2p,
-                dW1p, db1p, dW2p, db2p,
-                dS1_ptr + pid64 * WS1, ds1_ptr + pid64 * F, dS2_ptr + pid64 * WS1, ds2_ptr + pid64 * D,
-                dG1_ptr + pid64 * WS1, dg1_ptr + pid64 * F, dG2_ptr + pid64 * WS1, dg2_ptr + pid64 * D,
+                Ra1, ra1, Ra2, ra2, G1p, g1p, G2p, g2p, dW1p, db1p, dW2p, db2p,
+                dS1p, ds1p, dS2p, ds2p, dG1p, dg1p, dG2p, dg2p,
                 scr, m == 0, closes, opens, BK, D, F, BF, EPS, PREC)
             dx_o = dxoff + cd[:, None] + t[None, :] * sdx_t
             tl.store(dxq_ptr + dx_o, dxq.to(dxq_ptr.dtype.element_ty), mask=valid[None, :])

@@ -40,31 +40,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LN_EPS, _gelu, _gelu_d1, _ln_l2_grad, _ln_norm
+from ._common import (
+    LN_EPS,
+    _bh_offset,
+    _gelu,
+    _gelu_d1,
+    _head_ln,
+    _ln_norm,
+    _load_tokens,
+    _mb_constants,
+    _mb_inner_grad,
+    _mb_tokens,
+    _program,
+    _slot,
+    _tile_offsets,
+)
 
 
 @triton.jit
 def _copy_weights(sW1, sb1, sW2, sb2, dW1, db1, dW2, db2,
                   D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr):
     """Copy one head's fast weights (W1 [D, F], b1 [F], W2 [F, D], b2 [D]) from s* to d*."""
-    cd = tl.arange(0, D)
     cf = tl.arange(0, BF)
     for f0 in range(0, F, BF):
-        o1 = cd[:, None] * F + f0 + cf[None, :]
+        o1, o2 = _tile_offsets(f0, D, F, BF)
         tl.store(dW1 + o1, tl.load(sW1 + o1))
-        o2 = (f0 + cf)[:, None] * D + cd[None, :]
         tl.store(dW2 + o2, tl.load(sW2 + o2))
         tl.store(db1 + f0 + cf, tl.load(sb1 + f0 + cf))
-    tl.store(db2 + cd, tl.load(sb2 + cd))
-
-
-@triton.jit
-def _load_tokens(ptr, t, valid, stride_t, D: tl.constexpr, CT: tl.constexpr):
-    """Tokens ``t`` [BK] of a [T, D] slab (token stride ``stride_t``) as a feature-major tile
-    [D, BK], zero where not valid, cast to CT."""
     cd = tl.arange(0, D)
-    x = tl.load(ptr + cd[:, None] + t[None, :] * stride_t, mask=valid[None, :], other=0.0)
-    return x.to(CT)
+    tl.store(db2 + cd, tl.load(sb2 + cd))
 
 
 @triton.jit
@@ -94,23 +98,9 @@ def _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
     etr = eta[None, :]
     sc = tl.where(closes, -eta_last, 1.0)  # closes: W - eta_last S; opens: S itself
 
-    # Reconstruction target LN(xv - xk) (docs/DESIGN.md section 3: normalise the difference).
-    xh_t, _ = _ln_norm(xv - xk, D, EPS)
-    tgt = xh_t * lnw[:, None] + lnb[:, None]
-
-    # Pass A: z2k over the whole hidden dim (needed before the layer-norm gradient).
-    z2k = tl.zeros([D, BK], dtype=CT)
-    for f0 in range(0, F, BF):
-        w1t = tl.load(rW1 + cd[None, :] * F + f0 + cf[:, None])          # W1^T tile [BF, D]
-        bb1 = tl.load(rb1 + f0 + cf)
-        x2k = _gelu(tl.dot(w1t, xk, input_precision=PREC) + bb1[:, None])  # [BF, BK]
-        w2 = tl.load(rW2 + (f0 + cf)[:, None] * D + cd[None, :])         # W2 tile [BF, D]
-        z2k += tl.dot(tl.trans(w2), x2k, input_precision=PREC)
-    bb2 = tl.load(rb2 + cd)
-    z2k += bb2[:, None]
-    gz2, _, _, _ = _ln_l2_grad(z2k, tgt, lnw, lnb, D, EPS)
-    p2 = lrr * gz2                                                       # [D, BK]
-    a1 = tl.where(causal, tl.dot(tl.trans(xk), xq, input_precision=PREC) + 1.0, 0.0)
+    # Target, pass A (z2k over the whole hidden dim), the layer-2 gradient p2 [D, BK] and a1.
+    _, gz2, p2, a1 = _mb_inner_grad(xq, xk, xv, lr, causal, lnw, lnb, rW1, rb1, rW2, rb2, rW1,
+                                    BK, D, F, BF, EPS, PREC, False)
 
     # Pass B: per hidden tile, layer-1 gradient, readout and weight update of that tile.
     # (Runtime `if first:` blocks only modify names bound before them: compiled Triton does not
@@ -118,8 +108,7 @@ def _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
     z2q = tl.zeros([D, BK], dtype=CT)
     a2 = tl.zeros([BK, BK], dtype=CT)
     for f0 in range(0, F, BF):
-        o1 = cd[None, :] * F + f0 + cf[:, None]                          # W1^T tile offsets
-        o2 = (f0 + cf)[:, None] * D + cd[None, :]                        # W2 tile offsets
+        o1, o2 = _tile_offsets(f0, D, F, BF)                            # W1^T and W2 tiles [BF, D]
         w1t = tl.load(rW1 + o1)
         bb1 = tl.load(rb1 + f0 + cf)
         w2 = tl.load(rW2 + o2)
@@ -165,7 +154,7 @@ def _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
         ext2 = tl.dot(p2, tl.where(causal, a2 + 1.0, 0.0), input_precision=PREC)
         if first:
             ext2 += tl.load(g2 + cd)[:, None]
-        z2q += bb2[:, None] - etr * ext2
+        z2q += tl.load(rb2 + cd)[:, None] - etr * ext2
         xh_o, _ = _ln_norm(z2q, D, EPS)
         out = xq + xh_o * lnw[:, None] + lnb[:, None]
     tl.debug_barrier()
@@ -196,51 +185,33 @@ def _ttt_fwd_kernel(
     only when the call ends inside a mini-batch). out [B, H, T, D]. With CKPT, the weights at the
     start of mini-batches 0, CK, 2 CK, ... go to checkpoint slots C* [B, H, NC, ...].
     """
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    pid64 = pid.to(tl.int64)
+    b, h, pid64 = _program(H)
     CT = W1_ptr.dtype.element_ty
-    WS1 = D * F
-    W1p = W1_ptr + pid64 * WS1
-    b1p = b1_ptr + pid64 * F
-    W2p = W2_ptr + pid64 * WS1
-    b2p = b2_ptr + pid64 * D
-    xoff = b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
-    loff = b.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h
-    ooff = b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
-
-    rows = tl.arange(0, BK)
+    W1p, b1p, W2p, b2p = _slot(W1_ptr, b1_ptr, W2_ptr, b2_ptr, pid64, D, F)
+    G1p, g1p, G2p, g2p = _slot(G1_ptr, g1_ptr, G2_ptr, g2_ptr, pid64, D, F)
+    S1p, s1p, S2p, s2p = _slot(S1_ptr, s1_ptr, S2_ptr, s2_ptr, pid64, D, F)
+    xoff = _bh_offset(b, h, sx_b, sx_h)
+    loff = _bh_offset(b, h, sl_b, sl_h)
+    ooff = _bh_offset(b, h, so_b, so_h)
     cd = tl.arange(0, D)
-    causal = rows[None, :] >= rows[:, None]  # [j, i]: token i sees j <= i
-    lnw = tl.load(lnw_ptr + h * D + cd).to(CT)
-    lnb = tl.load(lnb_ptr + h * D + cd).to(CT)
-    eta = tl.load(tok_ptr + rows, mask=rows < K, other=0.0).to(CT)
-    eta_last = tl.load(tok_ptr + K - 1).to(CT)
+    lnw, lnb = _head_ln(lnw_ptr, lnb_ptr, h, D, CT)
+    causal, eta, eta_last = _mb_constants(tok_ptr, K, BK, CT)
 
     p0 = (tl.load(pos_ptr + b) % K).to(tl.int32)
     M = (p0 + T + K - 1) // K
     for m in range(0, M):
         if CKPT:
             if m % CK == 0:
-                slot = pid64 * NC + m // CK
-                _copy_weights(W1p, b1p, W2p, b2p, C1_ptr + slot * WS1, c1_ptr + slot * F,
-                              C2_ptr + slot * WS1, c2_ptr + slot * D, D, F, BF)
-        t = m * K - p0 + rows
-        valid = (rows < K) & (t >= 0) & (t < T)
-        xq = _load_tokens(xq_ptr + xoff, t, valid, sx_t, D, CT)
-        xk = _load_tokens(xk_ptr + xoff, t, valid, sx_t, D, CT)
+                C1p, c1p, C2p, c2p = _slot(C1_ptr, c1_ptr, C2_ptr, c2_ptr, pid64 * NC + m // CK, D, F)
+                _copy_weights(W1p, b1p, W2p, b2p, C1p, c1p, C2p, c2p, D, F, BF)
+        t, valid, xq, xk, lr = _mb_tokens(xq_ptr + xoff, xk_ptr + xoff, lr_ptr + loff, sx_t, sl_t, m, p0, T,
+                                          K, D, BK, CT)
         xv = _load_tokens(xv_ptr + xoff, t, valid, sx_t, D, CT)
-        lr = tl.load(lr_ptr + loff + t * sl_t, mask=valid, other=0.0).to(CT)
         first = m == 0
         closes = (m + 1) * K <= p0 + T
         opens = (m + 1) * K > p0 + T
         out = _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
-                          W1p, b1p, W2p, b2p, W1p, b1p, W2p, b2p,
-                          G1_ptr + pid64 * WS1, g1_ptr + pid64 * F, G2_ptr + pid64 * WS1,
-                          g2_ptr + pid64 * D,
-                          S1_ptr + pid64 * WS1, s1_ptr + pid64 * F, S2_ptr + pid64 * WS1,
-                          s2_ptr + pid64 * D,
+                          W1p, b1p, W2p, b2p, W1p, b1p, W2p, b2p, G1p, g1p, G2p, g2p, S1p, s1p, S2p, s2p,
                           first, closes, opens, BK, D, F, BF, EPS, PREC, True)
         tl.store(out_ptr + ooff + cd[:, None] + t[None, :] * so_t,
                  out.to(out_ptr.dtype.element_ty), mask=valid[None, :])

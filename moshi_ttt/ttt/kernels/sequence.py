@@ -10,7 +10,6 @@ kernel of ``backward.py`` (analytic, recomputing mini-batch-start states from ch
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +39,15 @@ class KernelConfig:
     ckpt_every: int | None = None
 
 
-def default_config(d: int, F: int, device: torch.device, compute_dtype: torch.dtype) -> KernelConfig:
-    """Untuned defaults (chosen for register pressure at d=128 on H100, not measured)."""
+def default_config(d: int, F: int, device: torch.device, compute_dtype: torch.dtype,
+                   precision: str = "tf32") -> KernelConfig:
+    """Untuned defaults (chosen for register pressure at d=128 on H100, not measured).
+
+    ``precision`` applies to float32 compute on CUDA; float64 and the interpreter are exact."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
     if compute_dtype == torch.float64 or device.type != "cuda":
         precision = "ieee"
-    else:
-        precision = os.environ.get("MOSHI_TTT_KERNEL_PRECISION", "tf32")
-        if precision not in PRECISIONS:
-            raise ValueError(f"MOSHI_TTT_KERNEL_PRECISION={precision!r}: use one of {PRECISIONS}")
     bf = default_block_f(d, F)
     return KernelConfig(block_f_fwd=bf, block_f_bwd=min(bf, 32), num_warps_fwd=8 if d >= 128 else 4,
                         num_warps_bwd=8 if d >= 64 else 4, precision=precision)

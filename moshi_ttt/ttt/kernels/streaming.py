@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..state import TTTState
-from ._common import LN_EPS, _gelu, _gelu_d1, _ln_l2_grad, _ln_norm
+from ._common import LN_EPS, _bh_offset, _gelu, _gelu_d1, _head_ln, _ln_affine, _ln_l2_grad, _ln_norm, _program, _slot
 
 
 @triton.jit
@@ -40,29 +40,18 @@ def _ttt_step_kernel(
     with False are read out but keep their state). W*, G* [B, H, ...] contiguous, in place.
     out [B, H, (1,) D].
     """
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    pid64 = pid.to(tl.int64)
+    b, h, pid64 = _program(H)
     CT = W1_ptr.dtype.element_ty
-    WS1 = D * F
-    W1 = W1_ptr + pid64 * WS1
-    W2 = W2_ptr + pid64 * WS1
-    G1 = G1_ptr + pid64 * WS1
-    G2 = G2_ptr + pid64 * WS1
-    b1 = b1_ptr + pid64 * F
-    g1 = g1_ptr + pid64 * F
-    b2 = b2_ptr + pid64 * D
-    g2 = g2_ptr + pid64 * D
+    W1, b1, W2, b2 = _slot(W1_ptr, b1_ptr, W2_ptr, b2_ptr, pid64, D, F)
+    G1, g1, G2, g2 = _slot(G1_ptr, g1_ptr, G2_ptr, g2_ptr, pid64, D, F)
     cd = tl.arange(0, D)
     cf = tl.arange(0, BF)
-    xo = b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
+    xo = _bh_offset(b, h, sx_b, sx_h)
     xq = tl.load(xq_ptr + xo + cd).to(CT)
     xk = tl.load(xk_ptr + xo + cd).to(CT)
     xv = tl.load(xv_ptr + xo + cd).to(CT)
-    lr = tl.load(lr_ptr + b.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h).to(CT)
-    lnw = tl.load(lnw_ptr + h * D + cd).to(CT)
-    lnb = tl.load(lnb_ptr + h * D + cd).to(CT)
+    lr = tl.load(lr_ptr + _bh_offset(b, h, sl_b, sl_h)).to(CT)
+    lnw, lnb = _head_ln(lnw_ptr, lnb_ptr, h, D, CT)
     p = (tl.load(pos_ptr + b) % K).to(tl.int32)
     eta = tl.load(tok_ptr + p).to(CT)
     closes = p == K - 1
@@ -72,8 +61,7 @@ def _ttt_step_kernel(
     keep_w = run & closes  # the mini-batch ends: W0 <- W_t and the sums restart at 0
 
     # Target and layer-2 input gradient at W0 (the helpers take feature-major [D, 1] tiles).
-    xh_t, _ = _ln_norm((xv - xk)[:, None], D, EPS)
-    tgt = xh_t * lnw[:, None] + lnb[:, None]
+    tgt, _, _ = _ln_affine((xv - xk)[:, None], lnw, lnb, D, EPS)
     z2k = tl.load(b2 + cd)
     for f0 in range(0, F, BF):
         w1 = tl.load(W1 + cd[:, None] * F + f0 + cf[None, :])
@@ -117,7 +105,7 @@ def _ttt_step_kernel(
     b2t = bb2 - eta * sb2
     xh_o, _ = _ln_norm((z2q - eta * c2 * gz2 + b2t)[:, None], D, EPS)
     out = xq + tl.sum(xh_o, axis=1) * lnw + lnb
-    tl.store(out_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + cd, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + _bh_offset(b, h, so_b, so_h) + cd, out.to(out_ptr.dtype.element_ty))
     tl.debug_barrier()
     tl.store(b2 + cd, b2t, mask=keep_w)
     tl.store(g2 + cd, tl.where(closes, 0.0, sb2), mask=run)
