@@ -397,9 +397,10 @@ def _(c: Ctx) -> Outcome:
     ok, d = expect(r, 0, "applied optim.lr")
     import torch
 
-    st = torch.load(run / "checkpoints" / f"step_{STEPS:07d}" / "trainer.pt", weights_only=False)
+    ck = run / "checkpoints" / f"step_{STEPS:07d}"
+    st = torch.load(ck / "trainer.pt", weights_only=False)
     used = st["scheduler"]["base_lrs"][0]
-    recorded = st["config"]["optim"]["lr"]
+    recorded = json.loads((ck / "config.json").read_text())["optim"]["lr"]
     silent = used != recorded
     return Outcome(ok and not silent, loss=silent, detail=f"{d}; recorded {recorded}, used {used}")
 

@@ -197,6 +197,20 @@ def test_cli_value_ranges(tmp_path, capsys, corpus):
     assert rc == 2 and "--num-codebooks" in err and "0" in err
 
 
+def test_eval_options_from_set_are_checked_like_flags(corpus, tmp_path, capsys):
+    """The one CLI style on eval: --set sets an option by its name, typed and range-checked."""
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    train(cfg_of(corpus, run, "steps=2"))
+    base = ["eval", str(run), "--data", str(corpus / "train"), "--out", str(ev), "--quiet"]
+    assert cli_main([*base, "--set", "chunk_frames=0"]) == 2
+    assert "--chunk-frames must be >= 1, got 0" in capsys.readouterr().err and not ev.exists()
+    assert cli_main([*base, "--set", "lanes=two"]) == 2
+    assert "error: lanes: expected an integer, got 'two'" in capsys.readouterr().err
+    assert cli_main([*base, "--set", "mode=reset", "--set", "max_files=1"]) == 0
+    res = json.loads((ev / "eval_reset.json").read_text())
+    assert sorted(p.name for p in ev.iterdir()) == ["eval_reset.json"] and len(res["files"]) == 1
+
+
 # ------------------------------------------------------------------------------------ failure 4
 def test_resume_of_finished_run_says_so_and_keeps_summary(corpus, tmp_path, capsys):
     run = tmp_path / "run"
@@ -238,12 +252,40 @@ def test_resume_overrides_applied_or_refused(corpus, tmp_path, capsys):
     assert "applied optim.lr" in capsys.readouterr().out
     tr.train()
     tr.close()
-    st = torch.load(run / "checkpoints" / "step_0000006" / "trainer.pt", weights_only=False)
-    assert st["config"]["optim"]["lr"] == 0.5
+    ck = run / "checkpoints" / "step_0000006"
+    st = torch.load(ck / "trainer.pt", weights_only=False)
+    assert json.loads((ck / "config.json").read_text())["optim"]["lr"] == 0.5
     assert st["optimizer"]["param_groups"][0]["lr"] == 0.5     # what is recorded is what was used
     with pytest.raises(ConfigError, match=r"optim\.beta1"):
         Trainer(cfg_of(corpus, run, "steps=8", "optim.schedule=constant", "optim.lr=0.5", "optim.beta1=0.5"),
                 resume=True)
+
+
+def test_checkpoint_config_is_json_and_older_checkpoints_still_load(corpus, tmp_path):
+    """The trained config is stored as JSON beside the weights; a checkpoint of the earlier format
+    (the config pickled inside trainer.pt, no config.json) still loads and resumes."""
+    import hashlib
+
+    from moshi_ttt.train.loop import load_trained
+
+    run = tmp_path / "run"
+    train(cfg_of(corpus, run, "steps=2"))
+    ck = list_checkpoints(run)[-1][1]
+    saved = json.loads((ck / "config.json").read_text())
+    st = torch.load(ck / "trainer.pt", weights_only=False)
+    assert saved["data"]["lanes"] == 2 and saved["ttt"]["layers"] == [1, 2] and "config" not in st
+    _, cfg, _ = load_trained(run)
+    assert cfg == cfg_of(corpus, run, "steps=2")
+    st["config"] = saved                                          # the earlier format
+    torch.save(st, ck / "trainer.pt")
+    (ck / "config.json").unlink()
+    manifest = json.loads((ck / "manifest.json").read_text())
+    del manifest["files"]["config.json"]
+    manifest["files"]["trainer.pt"] = hashlib.sha256((ck / "trainer.pt").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    _, old, _ = load_trained(run)
+    assert old == cfg
+    assert train(cfg_of(corpus, run, "steps=4"), resume=True)["steps"] == 4
 
 
 # ------------------------------------------------------------------------------------ failure 7

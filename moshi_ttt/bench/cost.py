@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ from torch import nn
 
 from ..model.build import build_lm, ttt_blocks
 from ..model.presets import mid_lm_kwargs, moshi_7b_lm_kwargs, moshi_7b_ttt_kwargs, tiny_lm_kwargs
+from ..records import dump
 from ..ttt.config import TTTConfig
 
 PRESETS = {"tiny": tiny_lm_kwargs, "mid": mid_lm_kwargs, "7b": moshi_7b_lm_kwargs}
@@ -281,9 +282,7 @@ def run(cfg: CostConfig) -> dict[str, Any]:
            for B in cfg.gen_batches},
         "flops_train_per_frame": t["flops_train_per_frame"] / s["flops_train_per_frame"],
     }
-    cfg_d = asdict(cfg)
-    cfg_d["ttt"] = cfg.ttt.to_dict()
-    return {"config": cfg_d, "ttt_width": width, "stock": s, "ttt": t, "ratios": ratios}
+    return {"config": dump(cfg), "ttt_width": width, "stock": s, "ttt": t, "ratios": ratios}
 
 
 def _fmt_n(x: float) -> str:
@@ -353,10 +352,11 @@ def config_from_train_yaml(path: str | None, preset: str, overrides: list[str] |
     """A ``CostConfig`` from a train config (its ttt section, chunk, lanes, dtype, trainable); the
     architecture comes from ``preset`` (a local config.json is not read: the cost is for a shape).
     Without a config: the preset's defaults (7B: ``moshi_7b_ttt_kwargs``), then ``overrides``."""
-    from ..train.config import TrainConfig, apply_overrides, build, read_yaml
+    from ..records import load
+    from ..train.config import ConfigError, TrainConfig, apply_overrides, read_yaml
 
     data = read_yaml(path) if path is not None else _preset_defaults(preset)
-    tc = build(TrainConfig, apply_overrides(data, overrides or []))
+    tc = load(TrainConfig, apply_overrides(data, overrides or []), error=ConfigError)
     if tc.trainable not in ("ttt", "full"):
         raise ValueError(f"bench cost: trainable={tc.trainable!r} is not modelled (use 'ttt' or 'full')")
     return CostConfig(preset=preset, ttt=tc.ttt, dtype=tc.model.dtype, chunk_frames=tc.data.chunk_frames,

@@ -1,6 +1,4 @@
-"""Long-recording data: manifests, Mimi code cache, text interleaving, in-order chunk streams,
-the synthetic long-memory corpus and the key -> value ladder. See ``moshi_ttt/data/README.md``.
-"""
+"""Long-recording data: manifests, Mimi codes cache, text, in-order chunk streams, synthetic corpora (README.md here)."""
 
 from .dataset import CodesLayout, EncodedDataset, EncodedDatasetWriter, EncodedFile, FileEntry
 from .ladder import RUNG_NAMES, LadderConfig, LadderFile, generate_ladder_file, read_rung, write_ladder

@@ -6,8 +6,9 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import MoshiTTTError
 from .report import DataError
@@ -257,16 +258,9 @@ def run_synth(args: argparse.Namespace) -> int:
                  "gap_min": args.gap_min, "gap_max": args.gap_max, "voice_size": args.voice_size,
                  "control": args.control}
     overrides["frames_min"], overrides["frames_max"] = args.frames_min, args.frames_max
-    try:
-        cfg = SynthConfig.from_lm_kwargs(kw, **overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_corpus(cfg, args.out, progress=not args.quiet)
-    kind = "control" if cfg.control else "memory"
-    print(f"wrote {cfg.num_files} synthetic ({kind}) file(s) to {args.out}: reach {cfg.reach} frames, gaps "
-          f"{cfg.gap_min}-{cfg.gap_max}", file=sys.stderr)
-    return 0
+    return _write_synthetic(args, lambda: SynthConfig.from_lm_kwargs(kw, **overrides), write_corpus,
+                            lambda cfg: f"synthetic ({_kind(cfg)}) file(s) to {args.out}: reach {cfg.reach} "
+                            f"frames, gaps {cfg.gap_min}-{cfg.gap_max}")
 
 
 def _run_synth_kv(args: argparse.Namespace, kw: dict) -> int:
@@ -279,16 +273,27 @@ def _run_synth_kv(args: argparse.Namespace, kw: dict) -> int:
                  "num_keys": args.num_keys, "chunk_frames": args.chunk_frames, "span_chunks": args.span_chunks,
                  "num_spans": args.num_spans, "num_frames": args.num_frames, "background": args.background,
                  "voice_size": args.voice_size, "control": args.control}
+    from .dataset import EncodedDataset
+
+    def describe(cfg: LadderConfig) -> str:
+        counts = EncodedDataset(args.out, verify=False).meta["synthetic"]["rung_counts"]
+        return f"kv ladder ({_kind(cfg)}) file(s) to {args.out}: reach {cfg.reach} frames, reads per rung {counts}"
+
+    return _write_synthetic(args, lambda: LadderConfig.from_lm_kwargs(kw, **overrides), write_ladder, describe)
+
+
+def _kind(cfg: Any) -> str:
+    return "control" if cfg.control else "memory"
+
+
+def _write_synthetic(args: argparse.Namespace, make: Callable[[], Any], write: Callable[..., Any],
+                     describe: Callable[[Any], str]) -> int:
+    """Build a synthetic corpus config (a rule it breaks: exit code 2), write the corpus, say what."""
     try:
-        cfg = LadderConfig.from_lm_kwargs(kw, **overrides)
+        cfg = make()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_ladder(cfg, args.out, progress=not args.quiet)
-    from .dataset import EncodedDataset
-
-    counts = EncodedDataset(args.out, verify=False).meta["synthetic"]["rung_counts"]
-    kind = "control" if cfg.control else "memory"
-    print(f"wrote {cfg.num_files} kv ladder ({kind}) file(s) to {args.out}: reach {cfg.reach} frames, "
-          f"reads per rung {counts}", file=sys.stderr)
+    write(cfg, args.out, progress=not args.quiet)
+    print(f"wrote {cfg.num_files} {describe(cfg)}", file=sys.stderr)
     return 0

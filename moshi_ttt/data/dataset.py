@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..fileio import atomic_path, atomic_write_text
 from .report import DataError, Report
 
 FORMAT = "moshi-ttt-encoded/1"
@@ -76,11 +76,6 @@ class CodesLayout:
     @property
     def num_rows(self) -> int:
         return 1 + self.n_q
-
-    @property
-    def user_q(self) -> int:
-        """Codebooks of the user (right) channel stored after the Moshi ones."""
-        return self.n_q - self.dep_q
 
     @classmethod
     def from_lm_kwargs(cls, lm_kwargs: dict[str, Any], frame_rate: float = 12.5) -> CodesLayout:
@@ -136,31 +131,9 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` to a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary name + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``safetensors.torch.save_file`` through :func:`moshi_ttt.fileio.atomic_path`."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 @dataclass

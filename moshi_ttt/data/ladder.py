@@ -123,7 +123,7 @@ class LadderConfig(SynthLayout):
             self.rung1_max_gap = self.context - 1 - D
         if self.num_frames is None:
             self.num_frames = self.num_spans * self.span_frames
-        checks = [
+        self.require([
             (self.num_files >= 1, "num_files must be >= 1"),
             (self.n_q > self.dep_q >= 1, "need n_q > dep_q >= 1 (the first user stream carries the keys)"),
             (len(self.delays) == self.n_q + 1, f"len(delays)={len(self.delays)} must be n_q + 1 = {self.n_q + 1}"),
@@ -147,17 +147,11 @@ class LadderConfig(SynthLayout):
              "occurrence must sit in one attention window)"),
             (self.num_frames >= 2 * self.period, "num_frames too short for a write and a read"),
             (0.0 <= self.word_rate <= 1.0, "word_rate must be in [0, 1]"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"LadderConfig: {msg}")
+        ])
 
-    @classmethod
-    def from_lm_kwargs(cls, lm_kwargs: dict[str, Any], **overrides: Any) -> LadderConfig:
-        """Layout, attention stack and delays from a moshi ``LMModel`` config (``memory_lm_kwargs()``)."""
-        kw: dict[str, Any] = {**cls.layout_kwargs(lm_kwargs), "delays": tuple(lm_kwargs["delays"])}
-        kw.update(overrides)
-        return cls(**kw)
+    @staticmethod
+    def delay_kwargs(lm_kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {"delays": tuple(lm_kwargs["delays"])}
 
     @classmethod
     def from_meta(cls, synthetic: dict[str, Any]) -> LadderConfig:

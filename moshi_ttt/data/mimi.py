@@ -110,6 +110,11 @@ def tiny_mimi(num_codebooks: int = 2, card: int = 64, seed: int = 0, device: str
     return build_mimi(MimiSpec(kind="tiny", num_codebooks=num_codebooks, card=card, seed=seed), device)
 
 
+def _mimi_fact(name: str, cast: type) -> property:
+    """A read-only attribute of the wrapped Mimi model (``self.mimi.<name>``), cast to ``cast``."""
+    return property(lambda self: cast(getattr(self.mimi, name)), doc=f"Mimi's ``{name}``.")
+
+
 class MimiEncoder:
     """Encodes multichannel audio to Mimi codes, one channel per batch entry.
 
@@ -126,25 +131,12 @@ class MimiEncoder:
         if self.mimi.num_codebooks != spec.num_codebooks:
             self.mimi.set_num_codebooks(spec.num_codebooks)
 
-    @property
-    def sample_rate(self) -> int:
-        return int(self.mimi.sample_rate)
-
-    @property
-    def frame_rate(self) -> float:
-        return float(self.mimi.frame_rate)
-
-    @property
-    def frame_size(self) -> int:
-        return int(self.mimi.frame_size)
-
-    @property
-    def num_codebooks(self) -> int:
-        return int(self.mimi.num_codebooks)
-
-    @property
-    def cardinality(self) -> int:
-        return int(self.mimi.cardinality)
+    # Mimi's facts as plain Python numbers, read live (``set_num_codebooks`` changes the model).
+    sample_rate = _mimi_fact("sample_rate", int)
+    frame_rate = _mimi_fact("frame_rate", float)
+    frame_size = _mimi_fact("frame_size", int)
+    num_codebooks = _mimi_fact("num_codebooks", int)
+    cardinality = _mimi_fact("cardinality", int)
 
     def cache_key(self) -> str:
         """Hash of :meth:`MimiSpec.identity` plus the model's frame size and rate."""

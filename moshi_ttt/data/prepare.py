@@ -43,7 +43,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .dataset import CodesLayout, EncodedDatasetWriter, atomic_save_file, atomic_write_text
+from ..fileio import atomic_write_text
+from .dataset import CodesLayout, EncodedDatasetWriter, atomic_save_file
 from .manifest import ManifestEntry, Word, file_id_for, read_alignment, read_manifest
 from .mimi import MimiEncoder
 from .report import DataError, Report

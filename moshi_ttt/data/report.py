@@ -72,10 +72,6 @@ class Report:
     def by_action(self, action: Action) -> list[Issue]:
         return [i for i in self.issues if i.action == action]
 
-    @property
-    def skipped_sources(self) -> list[str]:
-        return [i.source for i in self.by_action("skipped")]
-
     def __len__(self) -> int:
         return len(self.issues)
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from tqdm import tqdm
 
 from ..model.reach import stacked_reach
 from .dataset import CodesLayout, EncodedDatasetWriter
+
+
+_Corpus = TypeVar("_Corpus", bound="SynthLayout")
 
 
 @dataclass
@@ -76,6 +79,23 @@ class SynthLayout:
                 "text_card": lm_kwargs["text_card"], "context": lm_kwargs["context"],
                 "num_layers": lm_kwargs["num_layers"],
                 "text_padding_id": lm_kwargs.get("existing_text_padding_id", 3)}
+
+    @staticmethod
+    def delay_kwargs(lm_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What a corpus takes from the model's delays (it sets the reach); each corpus says how."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_lm_kwargs(cls: type[_Corpus], lm_kwargs: dict[str, Any], **overrides: Any) -> _Corpus:
+        """The corpus for a moshi ``LMModel`` config (e.g. ``tiny_lm_kwargs()``): its layout, attention
+        stack and delays, then ``overrides``."""
+        return cls(**{**cls.layout_kwargs(lm_kwargs), **cls.delay_kwargs(lm_kwargs), **overrides})
+
+    def require(self, checks: list[tuple[bool, str]]) -> None:
+        """Raise ``ValueError`` naming the corpus and the first rule in ``checks`` that fails."""
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}: {msg}")
 
     @property
     def layout(self) -> CodesLayout:
@@ -135,7 +155,7 @@ class SynthConfig(SynthLayout):
                 self.frames_min = min(self.frames_min, self.frames_max)
         if self.frames_max is None:
             self.frames_max = max(self.frames_min, self.frames_min + L + self.gap_min)
-        checks = [
+        self.require([
             (self.num_files >= 1, "num_files must be >= 1"),
             (L >= 1, "motif_len must be >= 1"),
             (self.n_q > self.dep_q >= 1, "need n_q > dep_q >= 1 (the user stream carries the cues)"),
@@ -149,18 +169,12 @@ class SynthConfig(SynthLayout):
             (self.gap_max >= self.gap_min, "gap_max must be >= gap_min"),
             (1 <= self.frames_min <= self.frames_max, "need 1 <= frames_min <= frames_max"),
             (0.0 <= self.word_rate <= 1.0, "word_rate must be in [0, 1]"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"SynthConfig: {msg}")
+        ])
 
-    @classmethod
-    def from_lm_kwargs(cls, lm_kwargs: dict[str, Any], **overrides: Any) -> SynthConfig:
-        """Layout and context from a moshi ``LMModel`` config (e.g. ``tiny_lm_kwargs()``)."""
+    @staticmethod
+    def delay_kwargs(lm_kwargs: dict[str, Any]) -> dict[str, Any]:
         delays = lm_kwargs.get("delays") or [0]
-        kw: dict[str, Any] = {**cls.layout_kwargs(lm_kwargs), "max_delay": max(delays) - min(delays)}
-        kw.update(overrides)
-        return cls(**kw)
+        return {"max_delay": max(delays) - min(delays)}
 
     @property
     def reach(self) -> int:

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,11 +34,14 @@ from ..data.dataset import EncodedDataset
 from ..data.ladder import LadderConfig, write_ladder
 from ..data.synthetic import SynthConfig, write_corpus
 from ..model.presets import tiny_lm_kwargs
-from ..train.config import ConfigError, TrainConfig, build, read_yaml, to_dict
+from ..records import dump
+from ..train.config import ConfigError, TrainConfig, load_config
 from .evaluate import evaluate
 from .ladder import LadderResult, analyse_ladder, ladder_json, ladder_markdown, plot_ladder
 
-CORPUS_KINDS = ("kv", "kv-control", "long-memory", "control", "real")
+CorpusKind = Literal["kv", "kv-control", "long-memory", "control", "real"]
+Arm = Literal["A", "B", "C"]
+ARM_TRAIN_MODE = {"A": "reset", "B": "persistent", "C": "none"}
 
 
 @dataclass
@@ -54,9 +57,9 @@ class CorpusSpec:
         model's attention stack, the chunk and the span come from the training config.
     """
 
-    kind: str = "long-memory"
+    kind: CorpusKind = "long-memory"
     name: str | None = None
-    arms: list[str] | None = None
+    arms: list[Arm] | None = None
     train: str | None = None             # existing encoded dataset folders (real data)
     eval: str | None = None              # held-out files: used once, for the final evaluation
     val: str | None = None               # monitored during training (never the held-out files)
@@ -75,34 +78,26 @@ class ExperimentConfig:
     out_dir: str = "runs/experiment"
     seeds: list[int] = field(default_factory=lambda: [0])
     corpora: list[CorpusSpec] = field(default_factory=lambda: [CorpusSpec("long-memory"), CorpusSpec("control")])
-    arms: list[str] = field(default_factory=lambda: ["A", "B", "C"])
+    arms: list[Arm] = field(default_factory=lambda: ["A", "B", "C"])
     # Base training config (the arms change only what defines them).
-    train: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval_lanes: int = 4
     n_boot: int = 10000
     lora_rank: int | None = None         # arm C; None: matched to the TTT parameter count
 
-
-ARM_TRAIN_MODE = {"A": "reset", "B": "persistent", "C": "none"}
+    def __post_init__(self) -> None:
+        names = [c.label for c in self.corpora]
+        for i, c in enumerate(self.corpora):
+            if names.count(c.label) > 1:
+                raise ConfigError("ExperimentConfig", f"corpora[{i}].name", c.name, f"two corpora are named "
+                                  f"{c.label!r} (their runs and evaluations would overwrite each other); give "
+                                  "each a distinct `name`")
 
 
 def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    cfg = build(ExperimentConfig, read_yaml(path, overrides))
-    unknown = [a for a in cfg.arms if a not in ARM_TRAIN_MODE]
-    if unknown:
-        raise ConfigError(f"arms: unknown arm(s) {unknown}; use A, B, C")
-    names = [c.label for c in cfg.corpora]
-    for i, c in enumerate(cfg.corpora):
-        if c.kind not in CORPUS_KINDS:
-            raise ConfigError(f"corpora[{i}].kind: {c.kind!r} is not one of {list(CORPUS_KINDS)}")
-        if names.count(c.label) > 1:
-            raise ConfigError(f"corpora[{i}]: two corpora are named {c.label!r} (their runs and evaluations "
-                              "would overwrite each other); give each a distinct `name`")
-        bad = [a for a in (c.arms or []) if a not in ARM_TRAIN_MODE]
-        if bad:
-            raise ConfigError(f"corpora[{i}].arms: unknown arm(s) {bad}; use A, B, C")
-    build(TrainConfig, cfg.train)  # validate the base training config early (names the bad key)
-    return cfg
+    """The experiment config from a YAML file and ``--set`` overrides (the base training config
+    under ``train`` is checked here too: its errors name ``train.<key>``)."""
+    return load_config(ExperimentConfig, path, overrides)
 
 
 def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int, base: TrainConfig) -> tuple[Path, Path | None, Path]:
@@ -179,8 +174,8 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    base_train = build(TrainConfig, cfg.train)
+    (out / "experiment.json").write_text(json.dumps(dump(cfg), indent=2))
+    base_train = copy.deepcopy(cfg.train)
     base_train.progress = progress
     rank = cfg.lora_rank
     if "C" in cfg.arms and rank is None:
@@ -230,7 +225,7 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
                     eval_paths.append(path)
                     if spec.kind.startswith("kv"):
                         ladder_evals.setdefault(spec.label, []).append(path)
-    config = {"experiment": dataclasses.asdict(cfg), "train_base": to_dict(base_train), "lora_rank_C": rank}
+    config = {"experiment": dump(cfg), "train_base": dump(base_train), "lora_rank_C": rank}
     from ..runtime import run_facts
 
     report = write_report(out / "report", load_evals(eval_paths), logs, config, command, n_boot=cfg.n_boot,

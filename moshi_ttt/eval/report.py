@@ -158,18 +158,6 @@ def load_evals(paths: Sequence[str | Path]) -> list[EvalResult]:
     return [EvalResult.load(p) for p in paths]
 
 
-def load_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a training ``metrics.jsonl`` (blank lines skipped; a bad line is an error naming it)."""
-    rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-    return rows
-
-
 def _clean(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf -> None, tuples -> lists, dataclasses -> dicts, paths -> str."""
     if isinstance(obj, float):

@@ -1,1 +1,1 @@
-"""model"""
+"""Moshi integration: hybrid TTT layer, build, presets, chunked training forward, weights, state files, generation."""

@@ -255,9 +255,6 @@ class StageTimes:
     decode: float = 0.0   # Mimi decoder, Moshi's codes -> audio
     write: float = 0.0    # output files
 
-    def as_dict(self) -> dict[str, float]:
-        return {"encode": self.encode, "step": self.step, "decode": self.decode, "write": self.write}
-
 
 @dataclass
 class GenerateResult:
@@ -370,17 +367,6 @@ def generate(model, mimi, frames: Iterable[np.ndarray] | np.ndarray, output: Str
         if memory_out is not None:
             save_memory(model, memory_out, extra={"frames": res.frames})
     return res
-
-
-def tokens_to_text(tokens: list[int], tokenizer_path: str | Path | None, padding_ids=(0, 3)) -> str:
-    """Decode a list of text tokens; without a tokenizer (tiny model) the token ids are written."""
-    words = [t for t in tokens if t not in padding_ids]
-    if tokenizer_path is None:
-        return " ".join(str(t) for t in words)
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
-    return sp.decode(words)
 
 
 def _say(msg: str) -> None:

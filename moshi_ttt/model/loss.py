@@ -16,7 +16,12 @@ from moshi.models.lm import LMOutput
 
 @dataclass
 class LossConfig:
+    """Weights of the objective: ``text_weight * text mean + audio_weight * audio mean``, each mean
+    weighted per token."""
+
+    # Padding is most of the text stream (silence between words): at full weight it would dominate.
     text_padding_weight: float = 0.5
+    # The first audio codebook is Mimi's semantic one; the others are acoustic detail.
     first_codebook_weight: float = 1.0
     text_weight: float = 1.0
     audio_weight: float = 1.0

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import IntegrityError
+from ..fileio import atomic_path
 from ..ttt.state import TTTState, load_states, save_states, state_from_tensors
 from .build import ttt_blocks
 from .hybrid import TTTBlock, TTTBlockState
@@ -160,11 +161,8 @@ def save_stream(module: StreamingModule, path: str | Path) -> None:
     check_finite(tensors, f"stream state to save to {path}")
     meta = {"format": "moshi-ttt-stream", "scalars": json.dumps(scalars), **_safe_meta(module),
             "sha256": tensors_digest(tensors)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _safe_meta(module) -> dict[str, str]:

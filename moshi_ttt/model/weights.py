@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import IntegrityError
+from ..fileio import atomic_path, atomic_write_json
 from ..ttt.config import TTTConfig
 from .build import TTT_KEY_MARKER, build_lm, ttt_blocks
-from .hybrid import TTTBlock
 
 TTT_WEIGHTS_NAME = "ttt.safetensors"
 TTT_CONFIG_NAME = "ttt_config.json"
@@ -208,12 +208,9 @@ def save_ttt_checkpoint(model: LMModel, folder: str | Path, extra: dict[str, Any
         **(extra or {}),
         "sha256": _tensors_digest(tensors),
     }
-    tmp = folder / (TTT_WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / TTT_WEIGHTS_NAME)
-    tmp = folder / (TTT_CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    tmp.replace(folder / TTT_CONFIG_NAME)
+    with atomic_path(folder / TTT_WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(folder / TTT_CONFIG_NAME, cfg)
     return folder
 
 
@@ -272,7 +269,3 @@ def load_ttt_checkpoint(model: LMModel, folder: str | Path) -> None:
             if tuple(t.shape) != tuple(p.shape):
                 raise WeightsError(f"{path}: {k} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
             p.copy_(t.to(p.dtype))
-
-
-def is_ttt_block(module: nn.Module) -> bool:
-    return isinstance(module, TTTBlock)

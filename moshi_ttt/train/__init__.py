@@ -1,1 +1,1 @@
-"""train"""
+"""Training: typed config, the in-order chunk-stream loop, checkpoints and resume, DDP/FSDP, metrics."""

@@ -1,5 +1,8 @@
-"""``torchrun --nproc_per_node N -m moshi_ttt.train CONFIG.yaml`` (or plain ``python -m``)."""
+"""``torchrun --nproc_per_node N -m moshi_ttt.train CONFIG.yaml``: torchrun starts a module, and this
+one is ``moshi-ttt train`` (the one entry point, ``moshi_ttt.cli``, parses and runs it)."""
 
-from .commands import main
+import sys
 
-raise SystemExit(main())
+from moshi_ttt.cli import main
+
+raise SystemExit(main(["train", *sys.argv[1:]]))

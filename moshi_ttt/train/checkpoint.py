@@ -6,13 +6,16 @@ A checkpoint is a folder ``run_dir/checkpoints/step_000123/``:
     adapter/                TTT (+LoRA) weights and config, loadable by generate / eval
     stream.safetensors      the carried per-lane state: TTT memory, attention KV caches, offsets
     trainer.pt              optimizer, scheduler, sampler position, RNG states, counters, delay tails
-    manifest.json           sha256 of every file above, written last
+    config.json             the training config (``records.dump`` of ``TrainConfig``)
+    manifest.json           sha256 of every file above, written last (:class:`Manifest`)
 
 It is written into ``step_000123.tmp`` and renamed, so a crash never leaves a half checkpoint
 under a final name (a stale ``.tmp`` is cleared on the next write or resume); the free space is
 checked first. The manifest lets ``find_resumable`` detect a corrupted one (a clear message naming
 the file) and fall back to the previous one. Pruning keeps the newest ``keep_last`` by step number
 and never the one just written; a resume never restarts silently (see :func:`resume_point`).
+Checkpoints written before the config moved to ``config.json`` carry it in ``trainer.pt``;
+:func:`saved_config` reads either.
 """
 
 from __future__ import annotations
@@ -24,17 +27,28 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import EXIT_CHECKPOINT, EXIT_IO, MoshiTTTError, describe_os_error
+from ..errors import EXIT_CHECKPOINT, EXIT_IO, ConfigValueError, MoshiTTTError, describe_os_error
+from ..records import dump, load
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: the step and the sha256 of every file of the checkpoint (relative paths)."""
+
+    step: int
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class CheckpointError(MoshiTTTError, RuntimeError):
@@ -129,8 +143,8 @@ def write_checkpoint(run_dir: str | Path, step: int, writer, keep_last: int,
         tmp.mkdir(parents=True)
         writer(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        manifest = Manifest(step, {str(p.relative_to(tmp)): _sha256(p) for p in files})
+        (tmp / MANIFEST).write_text(json.dumps(dump(manifest), indent=1))
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
@@ -163,19 +177,16 @@ def prune(run_dir: str | Path, keep_last: int, protect: Path | None = None) -> l
     return removed
 
 
-def verify_checkpoint(folder: Path) -> dict[str, Any]:
+def verify_checkpoint(folder: Path) -> Manifest:
     """Check every file against the manifest; raise ``CheckpointError`` naming the problem."""
     mf = folder / MANIFEST
     if not mf.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the checkpoint was not completed)")
     try:
-        manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        manifest = load(Manifest, json.loads(mf.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigValueError) as e:
         raise CheckpointError(f"{mf}: unreadable ({e})") from e
-    for rel, digest in files.items():
+    for rel, digest in manifest.files.items():
         p = folder / rel
         if not p.is_file():
             raise CheckpointError(f"{folder}: file {rel} is missing")
@@ -251,6 +262,27 @@ def resume_point(run_dir: str | Path, restart: bool) -> Path | None:
         os.replace(ck, bad)
         print(f"warning: {reason}; moved to {bad.name}, resuming from the previous checkpoint")
     return good
+
+
+def write_config(folder: Path, config: Any) -> None:
+    """The training config record of a checkpoint, as JSON (inside the folder being written)."""
+    (folder / CONFIG).write_text(json.dumps(dump(config), indent=2))
+
+
+def saved_config(ck: Path) -> dict[str, Any]:
+    """The training config a checkpoint was written with, as plain data: ``config.json``, or the
+    ``config`` entry of ``trainer.pt`` in checkpoints written before the JSON file existed."""
+    path = ck / CONFIG
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable ({e})") from e
+    else:
+        data = torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False).get("config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{ck}: no training config ({CONFIG}, or 'config' in trainer.pt)")
+    return data
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -1,4 +1,5 @@
-"""``moshi-ttt train CONFIG.yaml``; also ``torchrun --nproc_per_node N -m moshi_ttt.train CONFIG.yaml``."""
+"""``moshi-ttt train CONFIG.yaml``; under torchrun: ``torchrun --nproc_per_node N -m moshi_ttt.train CONFIG.yaml``
+(the same command through the same entry point, ``moshi_ttt.cli``)."""
 
 from __future__ import annotations
 
@@ -83,18 +84,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import os
-
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    p = argparse.ArgumentParser(prog="python -m moshi_ttt.train", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    add_arguments(p)
-    from ..cli import debug_requested, run_guarded
-
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(raw)
-    return run_guarded(lambda: run(args), debug_requested(raw))

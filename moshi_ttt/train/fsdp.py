@@ -221,8 +221,7 @@ def save_sharded_run(trainer) -> object:
 
     from ..model.memory import save_stream
     from ..model.weights import save_ttt_checkpoint
-    from .checkpoint import ckpt_dir, rng_state, write_checkpoint
-    from .config import to_dict
+    from .checkpoint import ckpt_dir, rng_state, write_checkpoint, write_config
 
     fs: FSDPState = trainer.fsdp
     info = fs.info
@@ -247,8 +246,9 @@ def save_sharded_run(trainer) -> object:
             torch.save({
                 "step": trainer.step, "optimizer": optim, "scheduler": trainer.scheduler.state_dict(),
                 "stream": trainer.stream.state_dict(), "nonfinite_in_row": trainer.nonfinite_in_row,
-                "skipped": trainer.skipped, "world_size": info.world_size, "config": to_dict(trainer.cfg),
+                "skipped": trainer.skipped, "world_size": info.world_size,
             }, folder / "trainer.pt")
+            write_config(folder, trainer.cfg)
             for f in sorted(staging.iterdir()):
                 shutil.move(str(f), str(folder / f.name))
 

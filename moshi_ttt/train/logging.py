@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..fileio import atomic_write_text
 
 
 class MetricsLogger:
@@ -43,25 +45,19 @@ class MetricsLogger:
         if not self.enabled or not self.path.is_file():
             return 0
         keep, bad, later = [], [], 0
-        raw = self.path.read_bytes().decode("utf-8", errors="replace")
-        for i, ln in enumerate(raw.splitlines(), 1):
-            if not ln.strip():
-                continue
+        for i, line, rec in _lines(self.path):
             try:
-                rec = json.loads(ln)
-                s = int(rec["step"])
+                s = int(rec["step"])  # type: ignore[index]
             except (ValueError, KeyError, TypeError):
                 bad.append(i)
                 continue
             if s <= step:
-                keep.append(ln)
+                keep.append(line)
             else:
                 later += 1
         if bad:
             print(f"note: {self.path}: dropped {len(bad)} unreadable line(s) (line {bad[0]}: a write cut short)")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
         return len(bad) + later
 
     def close(self) -> None:
@@ -69,15 +65,20 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str, dict[str, Any] | None]]:
+    """``(line number, line, record or None)`` for each non-blank line of a ``metrics.jsonl``; a
+    line that is not a JSON object (an append cut short) gives None."""
+    for i, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            yield i, line, rec if isinstance(rec, dict) else None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a partial line (an interrupted append) is skipped."""
+    """The records of ``run_dir/metrics.jsonl`` (none if it is missing); a partial line (an
+    interrupted append) is skipped. The one reader of training metrics (training, eval reports)."""
     path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for ln in path.read_text(errors="replace").splitlines():
-            if ln.strip():
-                try:
-                    out.append(json.loads(ln))
-                except ValueError:
-                    continue
-    return out
+    return [rec for _, _, rec in _lines(path) if rec is not None] if path.is_file() else []

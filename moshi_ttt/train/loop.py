@@ -25,15 +25,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.dataset import EncodedDataset, atomic_write_text
+from ..data.dataset import EncodedDataset
 from ..data.report import DataError
 from ..data.stream import ChunkBatch, ChunkStream
 from ..errors import EXIT_STOPPED, MoshiTTTError
+from ..fileio import atomic_write_json, atomic_write_text
 from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
 from ..model.chunked import ChunkedLM
 from ..model.loss import TokenLosses, WeightedSums, combine, weighted_sums
 from ..model.memory import load_stream, restore_stream, save_stream, snapshot_stream, stream_finite, stream_nbytes
 from ..model.weights import adapter_keys, apply_lora, load_lm, save_ttt_checkpoint, trainable_names
+from ..records import dump, load
 from .checkpoint import (
     CheckpointError,
     find_resumable,
@@ -41,10 +43,12 @@ from .checkpoint import (
     move_aside,
     resume_point,
     rng_state,
+    saved_config,
     set_rng_state,
     write_checkpoint,
+    write_config,
 )
-from .config import ConfigError, TrainConfig, resume_changes, to_dict
+from .config import ConfigError, TrainConfig, resume_changes
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .fsdp import FSDPState, resume_sharded_run, save_sharded_run
 from .logging import MetricsLogger
@@ -187,7 +191,7 @@ class Trainer:
             self._resume(ck)
         elif self.dist.is_main:
             self.logger.truncate_after(0)  # lines of a run killed before its first checkpoint
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            atomic_write_json(self.run_dir / "config.json", dump(cfg))
 
     @staticmethod
     def _inner(m: nn.Module) -> _ChunkStep:
@@ -346,8 +350,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
                 "rng": rng_state(), "nonfinite_in_row": self.nonfinite_in_row, "skipped": self.skipped,
                 "tail": self.runner.tail.cpu(), "before": self.runner.before.cpu(),
-                "config": to_dict(self.cfg),
             }, folder / "trainer.pt")
+            write_config(folder, self.cfg)
 
         return write_checkpoint(self.run_dir, self.step, writer, self.cfg.keep_last,
                                 expected_bytes=self._checkpoint_nbytes(trainable))
@@ -382,7 +386,7 @@ class Trainer:
 
     def _apply_resume_config(self, saved: dict[str, Any]) -> None:
         """Overrides of a resumed run: applied (and said so) or refused, never recorded silently."""
-        applied, refused = resume_changes(saved, to_dict(self.cfg))
+        applied, refused = resume_changes(saved, dump(self.cfg))
         if self.cfg.steps < self.step:
             raise ConfigError(f"--resume: steps={self.cfg.steps} is below the checkpoint's step {self.step}")
         if refused:
@@ -400,7 +404,7 @@ class Trainer:
                 self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
             print(f"resume: applied {k}: {a!r} -> {b!r}")
         if applied:
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            atomic_write_json(self.run_dir / "config.json", dump(self.cfg))
 
     def _resume(self, ck: Path) -> None:
         if self.fsdp is not None:
@@ -426,7 +430,7 @@ class Trainer:
         self.runner.before = st["before"].to(self.device)
         set_rng_state(st["rng"])
         self.step, self.nonfinite_in_row, self.skipped = st["step"], st["nonfinite_in_row"], st["skipped"]
-        self._apply_resume_config(st["config"])
+        self._apply_resume_config(saved_config(ck))
         self.logger.truncate_after(self.step)
         self.resumed_from = ck
         print(f"resumed from {ck} (step {self.step})")
@@ -526,15 +530,13 @@ def load_trained(path: str | Path, device: str | torch.device = "auto") -> tuple
     """A trained model from a checkpoint folder (``.../checkpoints/step_N``) or a run folder (its
     newest intact checkpoint). Returns (model in eval mode, its training config, checkpoint path)."""
     from .checkpoint import CheckpointError, verify_checkpoint
-    from .config import build
 
     path = Path(path)
     ck = path if (path / "trainable.safetensors").is_file() else find_resumable(path)
     if ck is None:
         raise CheckpointError(f"{path}: no checkpoint found (expected a run folder or checkpoints/step_N)")
     verify_checkpoint(ck)
-    st = torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False)
-    cfg = build(TrainConfig, st["config"])
+    cfg = load(TrainConfig, saved_config(ck), error=ConfigError)
     model = make_model(cfg, resolve_device(device if device != "auto" else cfg.device))
     params = dict(model.named_parameters())
     with torch.no_grad():

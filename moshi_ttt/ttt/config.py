@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from ..records import FieldValueError, dump, load
 
 LayerSpec = str | list[int]
 
 _EVERY_RE = re.compile(r"^every:(\d+)$")
 
 
-class TTTConfigError(ValueError):
-    """A TTT configuration value is invalid; the message names the field and the value."""
+class TTTConfigError(FieldValueError):
+    """A TTT configuration value is invalid; the message names the field and the value (exit code 2)."""
 
 
 @dataclass
@@ -97,7 +98,6 @@ class TTTConfig:
     bind_init: bool = True
     placement: Literal["after_attention", "before_attention"] = "after_attention"
     kernels: Literal["auto", "torch", "triton"] = "torch"
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,7 +105,7 @@ class TTTConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def bad(name: str, msg: str) -> TTTConfigError:
-            return TTTConfigError(f"TTTConfig.{name}={getattr(self, name)!r}: {msg}")
+            return TTTConfigError("TTTConfig", name, getattr(self, name), msg)
 
         if not isinstance(self.enable, bool):
             raise bad("enable", "must be true or false")
@@ -137,7 +137,9 @@ class TTTConfig:
             raise bad("init_std", "must be null (fan-in init) or a number >= 0")
         if self.kernels not in ("auto", "torch", "triton"):
             raise bad("kernels", "must be 'auto', 'torch' or 'triton'")
-        _check_layer_spec(self.layers)
+        if not _valid_layer_spec(self.layers):
+            raise bad("layers", "unknown layer spec; use 'all', 'middle', 'none', 'every:K' (K >= 1) or a list "
+                      "of layer indices")
 
     # ------------------------------------------------------------------ helpers
     def resolve_layers(self, num_layers: int) -> list[int]:
@@ -148,10 +150,8 @@ class TTTConfig:
         if isinstance(spec, list):
             for i in spec:
                 if not 0 <= i < num_layers:
-                    raise TTTConfigError(
-                        f"TTTConfig.layers={spec!r}: index {i} out of range for a model with "
-                        f"{num_layers} layers"
-                    )
+                    raise TTTConfigError("TTTConfig", "layers", spec,
+                                         f"index {i} out of range for a model with {num_layers} layers")
             return sorted(set(spec))
         if spec == "all":
             return list(range(num_layers))
@@ -167,32 +167,18 @@ class TTTConfig:
         return list(range(k - 1, num_layers, k))
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        """The JSON-able form (``records.dump``): what adapters and memory files store."""
+        return dump(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TTTConfig:
-        """Build from a plain dict (YAML/JSON); unknown keys are an error that names them."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise TTTConfigError(f"unknown TTTConfig key(s): {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
+        """Build from a plain dict (YAML/JSON) through ``records.load``: an unknown key, a value of
+        the wrong type or out of range is a :class:`TTTConfigError` naming the key and the value."""
+        return load(cls, d, error=TTTConfigError)
 
 
-def _check_layer_spec(spec: Any) -> None:
+def _valid_layer_spec(spec: Any) -> bool:
     if isinstance(spec, list):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-            raise TTTConfigError(f"TTTConfig.layers={spec!r}: a list must contain integers only")
-        return
-    if isinstance(spec, str):
-        if spec in ("all", "middle", "none"):
-            return
-        m = _EVERY_RE.match(spec)
-        if m and int(m.group(1)) >= 1:
-            return
-    raise TTTConfigError(
-        f"TTTConfig.layers={spec!r}: unknown layer spec; use 'all', 'middle', 'none', "
-        "'every:K' (K >= 1) or a list of layer indices"
-    )
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in spec)
+    m = _EVERY_RE.match(spec) if isinstance(spec, str) else None
+    return spec in ("all", "middle", "none") or (m is not None and int(m.group(1)) >= 1)

@@ -11,46 +11,53 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..records import dump
 from .config import TTTConfig
 from .diagnostics import prequential_inner_loss
 from .layer import TTTMLP
 
 
+def _demo_layer() -> TTTConfig:
+    # One inner step per round of 8 tokens: each round's reads come after the previous round's
+    # writes. base_lr 8: one step per round visibly stores the pairs in an untrained layer. Untrained
+    # fast weights at the default std (0.02) give tiny inner gradients; before the outer loop has
+    # trained them, an init of ~1/sqrt(head_dim) shows in-context learning clearly.
+    return TTTConfig(mini_batch_size=8, base_lr=8.0, init_std=0.25)
+
+
 @dataclass
 class DemoConfig:
-    seed: int = 0
+    """The demo's layer (a small TTT-MLP, heads of 16 channels) and its sequence (``num_pairs``
+    associations, each shown once per round in a shuffled order)."""
+
+    ttt: TTTConfig = field(default_factory=_demo_layer)
     dim: int = 64
     num_heads: int = 4
+    seed: int = 0
     num_pairs: int = 8
     rounds: int = 8
-    mini_batch_size: int = 8
-    base_lr: float = 8.0
-    # Untrained fast weights at the default std (0.02) give tiny inner gradients; before the outer
-    # loop has trained them, an init of ~1/sqrt(head_dim) shows in-context learning clearly.
-    init_std: float = 0.25
 
 
 @torch.no_grad()
 def run_demo(cfg: DemoConfig) -> dict:
     """Returns per-round mean inner loss (first round = never seen before) and per-token losses."""
     torch.manual_seed(cfg.seed)
-    ttt_cfg = TTTConfig(base_lr=cfg.base_lr, mini_batch_size=cfg.mini_batch_size, init_std=cfg.init_std)
-    layer = TTTMLP(cfg.dim, cfg.num_heads, ttt_cfg).eval()
+    layer = TTTMLP(cfg.dim, cfg.num_heads, cfg.ttt).eval()
     emb = torch.randn(cfg.num_pairs, cfg.dim)
     order = torch.cat([torch.randperm(cfg.num_pairs) for _ in range(cfg.rounds)])
     x = emb[order].unsqueeze(0)                                   # [1, T, dim]
     state = layer.init_state(1)
     xq, xk, xv, lr = layer.project(x, state.pos)
     losses, _ = prequential_inner_loss(xq, xk, xv, lr, layer.ttt_norm_weight, layer.ttt_norm_bias,
-                                       state, cfg.mini_batch_size, layer.token_idx())
+                                       state, cfg.ttt.mini_batch_size, layer.token_idx())
     per_token = losses.mean(1)[0]                                 # mean over heads: [T]
     per_round = per_token.view(cfg.rounds, cfg.num_pairs).mean(1)
-    return {"config": asdict(cfg), "per_round": per_round.tolist(), "per_token": per_token.tolist()}
+    return {"config": dump(cfg), "per_round": per_round.tolist(), "per_token": per_token.tolist()}
 
 
 def _plot(result: dict, path: Path) -> None:

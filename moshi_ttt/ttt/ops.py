@@ -144,7 +144,7 @@ def _dual_segment(
     z1k = xk @ W1 + b1                                   # [B, H, n, F]
     x2k = gelu_tanh(z1k)
     z2k = x2k @ W2 + b2                                  # [B, H, n, d]
-    target = layer_norm(xv - xk, ln_w, ln_b)             # LN(xv - xk): seed issue #2
+    target = layer_norm(xv - xk, ln_w, ln_b)             # LN(xv - xk), docs/DESIGN.md section 3
     gz2 = ln_l2_grad(z2k, target, ln_w, ln_b)            # [B, H, n, d]
     gz1 = (gz2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(z1k)  # [B, H, n, F]
 

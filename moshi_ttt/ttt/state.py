@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..fileio import atomic_path
+
 WEIGHT_NAMES = ("W1", "b1", "W2", "b2")
 SUM_NAMES = ("gW1", "gb1", "gW2", "gb2")
 OPERATOR_NAMES = (*WEIGHT_NAMES, *SUM_NAMES, "pos")
@@ -210,11 +212,8 @@ def save_states(path: str | Path, states: dict[str, TTTState], meta: dict[str, A
         tensors.update(state_to_tensors(st, prefix=f"{name}/"))
     header = {"format": "moshi-ttt-state", "version": str(STATE_FORMAT_VERSION),
               "names": json.dumps(sorted(states)), "meta": json.dumps(meta, sort_keys=True)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written memory file
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written memory file
+        save_file(tensors, str(tmp), metadata=header)
 
 
 def load_states(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:

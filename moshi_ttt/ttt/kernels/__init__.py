@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the TTT-MLP operator (issue 7).
+"""Fused Triton kernels for the TTT-MLP operator: the same contract as ``ttt.ops``, on GPU.
 
 Public API (the kernel modules are imported on first use, so importing this package never
 compiles or decorates a kernel):

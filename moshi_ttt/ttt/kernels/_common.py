@@ -222,7 +222,7 @@ def _mb_inner_grad(xq, xk, xv, lr, causal, lnw, lnb, W1, b1, W2, b2, Z1K,
     """What the forward and the backward of one mini-batch both compute first, at the
     mini-batch-start weights W1 [D, F], b1 [F], W2 [F, D], b2 [D] (row-major pointers):
 
-    the target LN(xv - xk) (seed issue #2: normalise the difference), pass A over the hidden
+    the target LN(xv - xk) (docs/DESIGN.md section 3: normalise the difference), pass A over the hidden
     tiles ``z2k = W2^T gelu(W1^T xk + b1) + b2`` (the layer-norm gradient needs all of it; with
     KEEP_Z1K the pre-activation z1k goes to the scratch Z1K [F, BK]), the layer-2 inner
     gradient gz2 and ``p2 = lr gz2`` [D, BK], and ``a1[j, i] = causal (xk_j . xq_i + 1)`` [BK, BK].
