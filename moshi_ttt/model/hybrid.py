@@ -17,7 +17,7 @@ from moshi.modules.transformer import StreamingTransformerLayer, create_norm_fn
 from ..ttt.config import TTTConfig
 from ..ttt.layer import TTTMLP
 from ..ttt.state import TTTState, select_state
-from .attention import make_chunkable
+from .attention import chunkable_attention
 
 
 @dataclass
@@ -121,8 +121,8 @@ class TTTHybridLayer(StreamingTransformerLayer):
         super().__init__(d_model, num_heads, *args, **kwargs)
         self._d_model, self._num_heads = d_model, num_heads
         self._norm_type: str = kwargs.get("norm", "layer_norm")
-        if not self.skip_self_attn:
-            make_chunkable(self.self_attn)
+        if not self.skip_self_attn:  # same key, same place in the module tree, same parameters
+            self.self_attn = chunkable_attention(self.self_attn)
         self.ttt: TTTBlock | None = None
 
     def attach_ttt(self, config: TTTConfig) -> TTTBlock:
