@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data.dataset import EncodedDataset
 from ..data.stream import ChunkStream
-from ..model.build import memory_mode, ttt_blocks
+from ..model.build import ttt_blocks
 from ..model.chunked import ChunkedLM
 from ..runtime import PeriodicLog, is_terminal
 
@@ -84,8 +84,7 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     acc: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
     recall_text_n = recall_audio_n = 0.0
     num_frames = {f.file_id: f.num_frames for f in files}
-    ctx = memory_mode(model, persistent=(mode != "reset"), chunk_frames=chunk_frames)
-    with ctx, ChunkedLM(model, lanes) as runner:
+    with ChunkedLM(model, lanes, reset_every=chunk_frames if mode == "reset" else None) as runner:
         recall_tail = torch.zeros(lanes, max_delay, dtype=torch.bool, device=device)
         rung_tail = torch.zeros(lanes, max_delay, dtype=torch.long, device=device)
         # A bar on a terminal; in a log file, a line a minute instead (never silent, never a bar's redraws).

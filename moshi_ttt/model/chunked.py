@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ttt.state import TTTState, carry_state
 from .attention import ChunkedRingKVCache
 from .build import ttt_blocks
+from .hybrid import set_memory_schedule
 from .loss import TokenLosses, token_losses
 
 
@@ -86,9 +87,13 @@ class ChunkedLM:
                 out = runner.step(batch.codes, batch.reset)
     """
 
-    def __init__(self, model: LMModel, batch_size: int, recompute: bool = False):
+    def __init__(self, model: LMModel, batch_size: int, recompute: bool = False, reset_every: int | None = None):
         self.model = model
         self.batch_size = batch_size
+        # The TTT memory's reset schedule for this session (None: kept for a whole file; P: reset
+        # every P frames), owned by the caller: the trainer (``ttt.persistent_states`` and the
+        # data's chunk length) or the evaluation (its memory mode).
+        self.reset_every = reset_every
         self.recompute = recompute  # activation checkpointing per chunk (see ``_recomputed_losses``)
         self.delays = torch.tensor(model.delays, dtype=torch.long)
         self.tail_len = int(self.delays.max()) + 1
@@ -120,6 +125,7 @@ class ChunkedLM:
                                       ChunkedRingKVCache)]
         for cache in self._caches:
             cache.keep_graph = keep
+        set_memory_schedule(ttt_blocks(model), self.reset_every)
 
     def cut(self) -> None:
         """Start a new training span: the carried state enters the next chunk without the graph of

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from ..errors import IntegrityError
 from ..ttt.state import TTTState, load_states, save_states, state_from_tensors
 from .build import ttt_blocks
-from .hybrid import TTTBlock, TTTBlockState
+from .hybrid import TTTBlockState
 
 
 def _model_meta(model) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def load_memory(model, path: str | Path) -> dict[str, Any]:
             new = state_from_tensors(grouped[f"layer{i}"], like=st.memory, source=f"{path} layer{i}")
         except (KeyError, ValueError) as e:  # a tensor missing or of another shape
             raise IntegrityError(f"{path}: memory of layer {i} does not fit the model ({e})") from e
-        TTTBlock.store_memory(st, new)
+        st.store(new)
     return meta
 
 
@@ -134,8 +134,9 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], scalars: d
 
 
 def _state_fields(state) -> list[str]:
-    # exec_mask is set in __post_init__, not a dataclass field; callbacks/graphs are not state.
-    names = [f.name for f in dataclasses.fields(state) if f.name not in ("batch_size", "device", "block")]
+    # exec_mask is set in __post_init__, not a dataclass field; callbacks/graphs are not state, nor
+    # the parameters a TTT block's state holds by reference for its resets (``initial``).
+    names = [f.name for f in dataclasses.fields(state) if f.name not in ("batch_size", "device", "initial")]
     return ["exec_mask", *names]
 
 

@@ -155,6 +155,10 @@ RESUME_CHANGEABLE = {
 }
 
 
+# Keys of checkpoints written by earlier versions, dropped on load (``TTTConfig.LEGACY_KEYS``).
+_LEGACY = {f"ttt.{k}" for k in TTTConfig.LEGACY_KEYS}
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -173,7 +177,7 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]
     defaults = _flatten(to_dict(TrainConfig()))
     applied, refused = [], []
     for k in sorted(set(a) | set(b)):
-        if k.startswith("ttt.extra") or k == "progress":  # progress: display only
+        if k.startswith("ttt.extra") or k == "progress" or k in _LEGACY:  # progress: display only
             continue
         if k not in a and b.get(k) == defaults.get(k):
             continue  # a setting added after the checkpoint was written, at its default
@@ -252,6 +256,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a dict, checking keys and types recursively."""
     hints = typing.get_type_hints(cls)
+    data = {k: v for k, v in data.items() if k not in getattr(cls, "LEGACY_KEYS", ())}  # saved by older versions
     names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
     unknown = sorted(set(data) - names)
     if unknown:
