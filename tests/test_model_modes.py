@@ -157,3 +157,10 @@ def test_chunked_gradients():
         assert g is not None and g.abs().max() > 0, name
     assert chunks[0].grad is None and chunks[1].grad is None
     assert chunks[2].grad is not None
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_reset_schedule_must_be_a_positive_period(bad):
+    with pytest.raises(ValueError, match="reset_every"):
+        with memory_schedule(bad):
+            pass

@@ -223,6 +223,14 @@ def test_layer_specs_resolve():
         TTTConfig.from_dict({"mini_batch": 3})
 
 
+def test_configs_saved_with_the_old_reset_period_still_load():
+    """``chunk_frames`` left TTTConfig (the reset period is an argument of the run): configs
+    saved before still load, and the key is dropped."""
+    cfg = TTTConfig.from_dict({"chunk_frames": 750, "persistent_states": False, "mini_batch_size": 8})
+    assert not cfg.persistent_states and cfg.mini_batch_size == 8
+    assert "chunk_frames" not in cfg.to_dict()
+
+
 def test_inplace_streaming_step_respects_exec_mask_at_a_due_reset():
     """No-grad one-frame steps may update the caller's state in place; a sample that does not
     execute keeps its state even when its non-persistent reset is due."""

@@ -173,8 +173,9 @@ def _safe_meta(module) -> dict[str, str]:
     return {"model": json.dumps(_model_meta(model)) if hasattr(model, "transformer") else "{}"}
 
 
-def load_stream(module: StreamingModule, path: str | Path) -> None:
-    """Restore a state written by ``save_stream`` into ``module`` (streaming, same batch size)."""
+def load_stream(module: StreamingModule, path: str | Path, fill: dict[str, torch.Tensor] | None = None) -> None:
+    """Restore a state written by ``save_stream`` into ``module`` (streaming, same batch size).
+    ``fill``: tensors (by key) for a file written before they were part of the state."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -187,6 +188,7 @@ def load_stream(module: StreamingModule, path: str | Path) -> None:
     if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:
         raise IntegrityError(f"{path}: stream file is corrupted (sha256 of its tensors does not match)")
     check_finite(tensors, path)
+    tensors = {**(fill or {}), **tensors}
     scalars = json.loads(meta["scalars"])
 
     def put(dst: torch.Tensor, key: str) -> None:

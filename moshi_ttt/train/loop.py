@@ -232,7 +232,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         self.runner.cut()  # a new span: the carried state enters without the previous span's graph
-        snap = self._snapshot_carried()
+        snap = snapshot_stream(self.model)  # all carried state: TTT memory, KV caches, delay tail
         ws: WeightedSums | None = None
         frames = 0.0
         epoch = 0
@@ -265,7 +265,8 @@ class Trainer:
             self.nonfinite_in_row = 0
         else:
             # Nothing non-finite is carried on or saved; lanes whose file started in the span start it.
-            self._restore_carried(snap, [self._rank_slice(b).reset for b in batches])
+            restore_stream(self.model, snap)
+            self.runner.reset(torch.stack([self._rank_slice(b).reset for b in batches]).any(0))
             self.nonfinite_in_row += 1
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -285,18 +286,6 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ carried state
-    def _snapshot_carried(self) -> dict[str, Any]:
-        """Copy of the state carried across steps (TTT memory, KV caches, delay tail)."""
-        return {"stream": snapshot_stream(self.model), "tail": self.runner.tail.clone(),
-                "before": self.runner.before.clone()}
-
-    def _restore_carried(self, snap: dict[str, Any], resets: list[torch.Tensor]) -> None:
-        """Put the carried state back to ``snap`` (a skipped step leaves no trace in it), then
-        apply the skipped span's resets: the lanes whose file started there start it fresh."""
-        restore_stream(self.model, snap["stream"])
-        self.runner.tail, self.runner.before = snap["tail"], snap["before"]
-        self.runner.reset(torch.stack([r.to(snap["tail"].device) for r in resets]).any(0))
-
     def _carried_finite(self) -> bool:
         ok = torch.tensor(float(stream_finite(self.model)), device=self.device)
         return bool(all_reduce_sum(ok, self.dist) == self.dist.world_size) if self.dist.enabled else bool(ok)
@@ -357,7 +346,6 @@ class Trainer:
                 "step": self.step, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
                 "rng": rng_state(), "nonfinite_in_row": self.nonfinite_in_row, "skipped": self.skipped,
-                "tail": self.runner.tail.cpu(), "before": self.runner.before.cpu(),
                 "config": to_dict(self.cfg),
             }, folder / "trainer.pt")
 
@@ -433,9 +421,9 @@ class Trainer:
             self.stream.load_state_dict(st["stream"])
         except ValueError as e:  # the dataset changed under the same path
             raise CheckpointError(f"{ck}: {e}; resume with the data the run started with") from e
-        load_stream(self.model, ck / "stream.safetensors")
-        self.runner.tail = st["tail"].to(self.device)
-        self.runner.before = st["before"].to(self.device)
+        # Checkpoints written before the delay tail was part of the stream state keep it here.
+        legacy = {":tail": st["tail"], ":before": st["before"]} if "tail" in st else None
+        load_stream(self.model, ck / "stream.safetensors", fill=legacy)
         set_rng_state(st["rng"])
         self.step, self.nonfinite_in_row, self.skipped = st["step"], st["nonfinite_in_row"], st["skipped"]
         self._apply_resume_config(st["config"])
