@@ -98,7 +98,7 @@ def set_memory_schedule(blocks: dict[int, TTTBlock], reset_every: int | None) ->
 @dataclass
 class BlockCall:
     """One streaming call of a TTT block, detached: its input x [B, T, d_model] (before the
-    block's norm) and the memory at its start and at its end."""
+    block's norm), the memory at its start and at its end, and the session's reset schedule."""
 
     x: torch.Tensor
     before: TTTState
