@@ -294,8 +294,8 @@ def test_sigterm_checkpoints_and_stops(corpus, tmp_path, monkeypatch):
     guard = signal.signal(signal.SIGTERM, lambda *a: None)   # the landed code would die otherwise
     orig = Trainer.train_step
 
-    def step_then_term(self, batch):
-        m = orig(self, batch)
+    def step_then_term(self, batch, **kw):
+        m = orig(self, batch, **kw)
         if self.step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return m

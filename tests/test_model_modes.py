@@ -9,6 +9,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 
 from moshi_ttt import TTTConfig, build_lm, tiny_lm_kwargs
 from moshi_ttt.model.build import ttt_blocks
+from moshi_ttt.model.hybrid import memory_schedule
 from moshi_ttt.model.weights import load_state_into
 
 # TTT inner width: the host's (4 heads of 16 = 64) and a narrow one (2 heads of 8 = 16) that
@@ -22,18 +23,18 @@ WIDTH_IDS = ["host", "narrow16"]
 @pytest.mark.parametrize("short_conv,placement", [(0, "after_attention"), (3, "after_attention"),
                                                   (3, "before_attention")])
 def test_full_chunked_and_frame_by_frame_agree(persistent, width, short_conv, placement):
-    model = tiny_ttt_model(context=8, persistent_states=persistent, chunk_frames=10, short_conv=short_conv,
-                           placement=placement, **width)
+    model = tiny_ttt_model(context=8, short_conv=short_conv, placement=placement, **width)
     if width:
         assert ttt_blocks(model)[0].layer.wq.weight.shape == (16, 64)
     seq = random_codes(2, 45, model)
-    full, full_logits = model.forward_text(seq)
-    chunked = stream_text(model, seq, (7, 13, 1, 19, 5))  # > context, inside TTT mini-batches
-    frames = stream_text(model, seq, [1] * 45)              # the ring (8) wraps 5 times
+    with memory_schedule(None if persistent else 10):  # the reset schedule of every call and session
+        full, full_logits = model.forward_text(seq)
+        chunked = stream_text(model, seq, (7, 13, 1, 19, 5))  # > context, inside TTT mini-batches
+        frames = stream_text(model, seq, [1] * 45)              # the ring (8) wraps 5 times
     assert (chunked - full).abs().max() < 1e-9
     assert (frames - full).abs().max() < 1e-9
     # Under autograd (the training path) the values are the same.
-    with torch.enable_grad():
+    with torch.enable_grad(), memory_schedule(None if persistent else 10):
         model.train()
         chunked_grad = stream_text(model, seq, (7, 13, 1, 19, 5))
     assert (chunked_grad - full).abs().max() < 1e-9
@@ -156,3 +157,10 @@ def test_chunked_gradients():
         assert g is not None and g.abs().max() > 0, name
     assert chunks[0].grad is None and chunks[1].grad is None
     assert chunks[2].grad is not None
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_reset_schedule_must_be_a_positive_period(bad):
+    with pytest.raises(ValueError, match="reset_every"):
+        with memory_schedule(bad):
+            pass

@@ -42,24 +42,25 @@ def states_equal(a, b):
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("short_conv", [0, 3])
 def test_full_chunked_and_frame_by_frame_agree(persistent, rope, width, short_conv):
-    layer = make_layer(persistent_states=persistent, chunk_frames=6, rope=rope, short_conv=short_conv, **width)
+    layer = make_layer(rope=rope, short_conv=short_conv, **width)
+    every = None if persistent else 6
     x = torch.randn(2, 20, 16, dtype=D)
-    full, st_full = layer(x)
-    chunked, st_c = run_chunks(layer, x, (7, 5, 1, 7))
-    frames, st_f = run_chunks(layer, x, [1] * 20)
+    full, st_full = layer(x, reset_every=every)
+    chunked, st_c = run_chunks(layer, x, (7, 5, 1, 7), reset_every=every)
+    frames, st_f = run_chunks(layer, x, [1] * 20, reset_every=every)
     assert (chunked - full).abs().max() < 1e-10 and (frames - full).abs().max() < 1e-10
     for st in (st_c, st_f):
         assert all((t - getattr(st_full, n)).abs().max() < 1e-10 for n, t in st.items())
 
 
 def test_non_persistent_resets_every_chunk():
-    """persistent_states=False equals running each chunk_frames segment from a fresh memory."""
-    layer = make_layer(persistent_states=False, chunk_frames=6)
+    """reset_every=6 equals running each 6-frame segment from a fresh memory."""
+    layer = make_layer()
     x = torch.randn(2, 18, 16, dtype=D)
-    full, _ = layer(x)
+    full, _ = layer(x, reset_every=6)
     manual = torch.cat([layer(x[:, s:s + 6])[0] for s in range(0, 18, 6)], 1)
     assert (full - manual).abs().max() < 1e-12
-    persistent = make_layer(persistent_states=True, chunk_frames=6)
+    persistent = make_layer()
     persistent.load_state_dict(layer.state_dict())
     assert (persistent(x)[0][:, 6:] - full[:, 6:]).abs().max() > 1e-6  # the memory did matter
 
@@ -110,14 +111,15 @@ def test_exec_mask_keeps_state_bit_for_bit(width, short_conv):
 @pytest.mark.parametrize("persistent", [True, False])
 @pytest.mark.parametrize("train", [True, False])
 def test_forward_never_writes_parameters(persistent, train):
-    layer = make_layer(persistent_states=persistent, chunk_frames=4)
+    layer = make_layer()
+    every = None if persistent else 4
     layer.train(train)
     snap = {k: v.clone() for k, v in layer.state_dict().items()}
     state = None
     for n in (5, 1, 7):
-        _, state = layer(torch.randn(2, n, 16, dtype=D), state)
+        _, state = layer(torch.randn(2, n, 16, dtype=D), state, reset_every=every)
     with torch.no_grad():
-        layer(torch.randn(2, 3, 16, dtype=D), state)
+        layer(torch.randn(2, 3, 16, dtype=D), state, reset_every=every)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, snap[k]), k
 
@@ -221,16 +223,24 @@ def test_layer_specs_resolve():
         TTTConfig.from_dict({"mini_batch": 3})
 
 
+def test_configs_saved_with_the_old_reset_period_still_load():
+    """``chunk_frames`` left TTTConfig (the reset period is an argument of the run): configs
+    saved before still load, and the key is dropped."""
+    cfg = TTTConfig.from_dict({"chunk_frames": 750, "persistent_states": False, "mini_batch_size": 8})
+    assert not cfg.persistent_states and cfg.mini_batch_size == 8
+    assert "chunk_frames" not in cfg.to_dict()
+
+
 def test_inplace_streaming_step_respects_exec_mask_at_a_due_reset():
     """No-grad one-frame steps may update the caller's state in place; a sample that does not
     execute keeps its state even when its non-persistent reset is due."""
-    layer = make_layer(persistent_states=False, chunk_frames=4)
+    layer = make_layer()
     x = torch.randn(2, 5, 16, dtype=D)
     with torch.no_grad():
-        _, st = layer(x[:, :4])                    # pos == chunk_frames: a reset is due
+        _, st = layer(x[:, :4], reset_every=4)     # pos == reset_every: a reset is due
         snap = st.clone()
-        ref_out, ref_st = layer(x[:, 4:5], snap.clone(), exec_mask=torch.tensor([True, False]))
-        out, st2 = layer(x[:, 4:5], st, exec_mask=torch.tensor([True, False]), inplace=True)
+        ref_out, ref_st = layer(x[:, 4:5], snap.clone(), exec_mask=torch.tensor([True, False]), reset_every=4)
+        out, st2 = layer(x[:, 4:5], st, exec_mask=torch.tensor([True, False]), inplace=True, reset_every=4)
     assert torch.equal(out, ref_out)
     for n, t in st2.items():
         assert torch.equal(t, getattr(ref_st, n)), n

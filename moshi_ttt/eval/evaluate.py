@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data.dataset import EncodedDataset
 from ..data.stream import ChunkStream
-from ..model.build import memory_mode, ttt_blocks
+from ..model.build import ttt_blocks
 from ..model.chunked import ChunkedLM
 from ..runtime import PeriodicLog, is_terminal
 
@@ -80,34 +80,23 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
 
     stream = ChunkStream(_Subset(), lanes, chunk_frames, shuffle=False, epochs=1)
     device = next(model.parameters()).device
-    max_delay = max(model.delays)
     acc: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
     recall_text_n = recall_audio_n = 0.0
     num_frames = {f.file_id: f.num_frames for f in files}
-    ctx = memory_mode(model, persistent=(mode != "reset"), chunk_frames=chunk_frames)
-    with ctx, ChunkedLM(model, lanes) as runner:
-        recall_tail = torch.zeros(lanes, max_delay, dtype=torch.bool, device=device)
-        rung_tail = torch.zeros(lanes, max_delay, dtype=torch.long, device=device)
+    with ChunkedLM(model, lanes, reset_every=chunk_frames if mode == "reset" else None) as runner:
         # A bar on a terminal; in a log file, a line a minute instead (never silent, never a bar's redraws).
         log = PeriodicLog(f"eval ({mode}) chunks", every_s=60.0) if progress else None
         for batch in tqdm(stream, disable=not (progress and is_terminal()), desc=f"eval ({mode})", unit="chunk"):
             if log is not None:
                 log.update(1)
             batch = batch.to(device)
-            out = runner.step(batch.codes, batch.reset, batch.valid)
-            tl = out.losses
-            recall_tail = torch.where(batch.reset.view(-1, 1), torch.zeros_like(recall_tail), recall_tail)
-            ext = torch.cat([recall_tail, batch.recall_mask], 1)                     # [B, D + C]
-            # Recall label of each token's *target* frame (delayed codebooks look one frame back).
-            idx = (max_delay + out.target_frame).to(device)                        # [1 + dep_q, C]
-            rec = ext[:, idx]                                                        # [B, 1 + dep_q, C]
-            recall_tail = ext[:, -max_delay:] if max_delay else recall_tail
-            # Ladder corpora: the rung of each token's target frame, mapped like the recall mask.
+            # Per frame: recall target (0/1) and, in ladder corpora, its rung; the runner carries them
+            # in its delay tail and gives each token those of its *target* frame.
             rung = batch.recall_rung if batch.recall_rung is not None else torch.zeros_like(batch.codes[:, 0])
-            rung_tail = torch.where(batch.reset.view(-1, 1), torch.zeros_like(rung_tail), rung_tail)
-            ext_r = torch.cat([rung_tail, rung.to(device)], 1)
-            rr = ext_r[:, idx]                                                       # [B, 1 + dep_q, C]
-            rung_tail = ext_r[:, -max_delay:] if max_delay else rung_tail
+            labels = torch.stack([batch.recall_mask.long(), rung.to(device).long()], 1)       # [B, 2, C]
+            out = runner.step(batch.codes, batch.reset, batch.valid, labels=labels)
+            tl = out.losses
+            rec, rr = out.target_labels[:, 0].bool(), out.target_labels[:, 1]              # [B, 1 + dep_q, C]
             drift = _lane_drift(model)
             for b, fid in enumerate(batch.file_id):
                 if fid is None or not bool(batch.active[b]):

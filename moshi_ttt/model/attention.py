@@ -87,11 +87,19 @@ class ChunkableStreamingMHA(StreamingMultiheadAttention):
         return state
 
 
-def make_chunkable(attn: StreamingMultiheadAttention) -> None:
-    """Give an existing moshi attention module the chunk-capable cache.
+def chunkable_attention(attn: StreamingMultiheadAttention) -> ChunkableStreamingMHA:
+    """``attn`` as a ``ChunkableStreamingMHA``, for the layer to put in its place.
 
-    ``StreamingTransformerLayer.__init__`` builds its own ``StreamingMultiheadAttention`` and
-    offers no hook for the class; the subclass adds no state, so re-typing the instance is exact.
+    ``StreamingTransformerLayer.__init__`` builds its own ``StreamingMultiheadAttention`` and offers
+    no hook for the class. The subclass is built through moshi's own constructor with ``attn``'s
+    settings, as a shell on the meta device (no memory, no draw from the random generator, so the
+    model's initialisation is that of stock moshi), and takes over ``attn``'s projections: the same
+    ``Parameter`` objects, hence the same weights and state-dict keys.
     """
-    if type(attn) is StreamingMultiheadAttention:
-        attn.__class__ = ChunkableStreamingMHA
+    new = ChunkableStreamingMHA(
+        embed_dim=attn.embed_dim, num_heads=attn.num_heads, causal=attn.causal, context=attn.context,
+        rope=attn.rope, kv_repeat=attn.kv_repeat, weights_per_step=attn.weights_per_step,
+        weights_per_step_schedule=attn.weights_per_step_schedule, cross_attention=attn.cross_attention,
+        cache_cross_attention=attn.cache_cross_attention, device="meta")
+    new.in_projs, new.out_projs = attn.in_projs, attn.out_projs
+    return new.train(attn.training)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,7 +14,7 @@ from .hybrid import TTTBlock, TTTHybridLayer
 from .presets import memory_lm_kwargs, moshi_7b_lm_kwargs, tiny_lm_kwargs
 
 __all__ = ["build_lm", "tiny_lm_kwargs", "memory_lm_kwargs", "moshi_7b_lm_kwargs", "ttt_blocks",
-           "ttt_parameter_names", "memory_mode", "TTT_KEY_MARKER"]
+           "ttt_parameter_names", "TTT_KEY_MARKER"]
 
 # Every TTT parameter / state-dict key contains this path segment (".ttt." under a layer).
 TTT_KEY_MARKER = ".ttt."
@@ -59,19 +57,3 @@ def ttt_parameter_names(model: LMModel) -> Iterator[str]:
     for name, _ in model.named_parameters():
         if TTT_KEY_MARKER in name:
             yield name
-
-
-@contextmanager
-def memory_mode(model: LMModel, persistent: bool, chunk_frames: int | None = None) -> Iterator[None]:
-    """Run with the memory kept for the whole stream (``persistent``) or reset every
-    ``chunk_frames`` frames, whatever the model was trained with (evaluation's 2x2 design)."""
-    blocks = ttt_blocks(model)
-    saved = {i: b.layer.config for i, b in blocks.items()}
-    for i, b in blocks.items():
-        b.layer.config = dataclasses.replace(saved[i], persistent_states=persistent,
-                                             chunk_frames=chunk_frames or saved[i].chunk_frames)
-    try:
-        yield
-    finally:
-        for i, b in blocks.items():
-            b.layer.config = saved[i]

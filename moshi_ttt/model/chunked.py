@@ -9,7 +9,9 @@ moshi's ``LMModel.forward`` delays the codebooks (``delays``) and prepends an in
 call*, which would be wrong for every chunk but a file's first. We work in moshi's delayed domain
 instead: position ``p`` of the delayed sequence holds frame ``p - 1 - delay_k`` of codebook ``k``
 as input and predicts frame ``p - delay_k``. Chunk ``[s, e)`` of positions needs raw frames from
-``s - 1 - max_delay``, so each lane keeps the last ``max_delay + 1`` frames of the previous chunk.
+``s - 1 - max_delay``, so each lane keeps the last ``max_delay + 1`` frames of the previous chunk:
+the delay tail, part of moshi's streaming state (``ChunkedState``, the model root's state in a
+chunked session), so that it is reset, copied, snapshotted and saved with the rest.
 Every token of a file is predicted exactly once over its chunks, and the token losses equal
 those of moshi's full-sequence forward on the whole file (tested).
 
@@ -23,17 +25,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from moshi.models.lm import LMModel
+from moshi.modules.streaming import State
 from moshi.modules.transformer import RingKVCache
 from torch.utils.checkpoint import checkpoint
 
 from ..ttt.state import TTTState, carry_state
 from .attention import ChunkedRingKVCache
 from .build import ttt_blocks
+from .hybrid import set_memory_schedule
 from .loss import TokenLosses, token_losses
 
 
@@ -66,16 +70,47 @@ def copy_streaming_state(model: torch.nn.Module, state: dict[str, Any] | None = 
 
 
 @dataclass
+class ChunkedState(State):
+    """The model root's streaming state in a chunked session: moshi's root ``State`` (exec mask)
+    and the delay tail of each lane.
+
+    tail: [B, K, L] the last L = max_delay + 1 raw frames of each lane (moshi's initial token
+        before a file's first frame).
+    before: [B, L] True where a tail frame precedes the lane's file (no target there).
+    initial: [1, K, 1] moshi's initial token, what a reset lane's tail goes back to (a constant of
+        the model, not state: not saved).
+    labels: [B, N, L] integer labels of the tail frames (``ChunkedLM.step(labels=...)``, e.g. the
+        evaluation's recall targets; 0 before a file), None until a step brings labels.
+    """
+
+    tail: torch.Tensor
+    before: torch.Tensor
+    initial: torch.Tensor = field(repr=False)
+    labels: torch.Tensor | None = None
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        mask = reset_mask.to(self.tail.device)
+        self.tail = torch.where(mask.view(-1, 1, 1), self.initial.expand_as(self.tail), self.tail)
+        self.before = self.before | mask.view(-1, 1)
+        if self.labels is not None:
+            self.labels = torch.where(mask.view(-1, 1, 1), torch.zeros_like(self.labels), self.labels)
+
+
+@dataclass
 class ChunkOutput:
     """Token losses of one chunk (delayed domain, ``C`` positions) and where their targets lie.
 
     losses: per-token CE and masks, text [B, C], audio [B, dep_q, C].
     target_frame: [1 + dep_q, C] frame index of each target relative to the chunk start
         (``j - delay_k``; negative = the last frames of the previous chunk).
+    target_labels: [B, N, 1 + dep_q, C] the labels given to ``step`` of each token's target frame
+        (0 before the file), or None.
     """
 
     losses: TokenLosses
     target_frame: torch.Tensor
+    target_labels: torch.Tensor | None = None
 
 
 class ChunkedLM:
@@ -86,15 +121,17 @@ class ChunkedLM:
                 out = runner.step(batch.codes, batch.reset)
     """
 
-    def __init__(self, model: LMModel, batch_size: int, recompute: bool = False):
+    def __init__(self, model: LMModel, batch_size: int, recompute: bool = False, reset_every: int | None = None):
         self.model = model
         self.batch_size = batch_size
+        # The TTT memory's reset schedule for this session (None: kept for a whole file; P: reset
+        # every P frames), owned by the caller: the trainer (``ttt.persistent_states`` and the
+        # data's chunk length) or the evaluation (its memory mode).
+        self.reset_every = reset_every
         self.recompute = recompute  # activation checkpointing per chunk (see ``_recomputed_losses``)
         self.delays = torch.tensor(model.delays, dtype=torch.long)
         self.tail_len = int(self.delays.max()) + 1
         self._stack = None
-        self.tail: torch.Tensor | None = None      # [B, K, L] last raw frames of each lane
-        self.before: torch.Tensor | None = None    # [B, L] True where a tail frame precedes the file
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ChunkedLM:
@@ -107,11 +144,15 @@ class ChunkedLM:
     def start(self) -> None:
         model, B = self.model, self.batch_size
         self._stack = model.streaming(B)
-        device = next(model.parameters()).device
-        K = model.num_codebooks
-        self._initial = model._get_initial_token().view(1, K, 1).to(device)
-        self.tail = self._initial.expand(B, K, self.tail_len).clone()
-        self.before = torch.ones(B, self.tail_len, dtype=torch.bool, device=device)
+        # The session's root state carries the delay tail (installed through moshi's public
+        # ``set_streaming_state``): moshi's own root state holds nothing else (its exec mask).
+        device = model._streaming_state.device
+        K, L = model.num_codebooks, self.tail_len
+        initial = model._get_initial_token().view(1, K, 1).to(device)
+        states = model.get_streaming_state()
+        states[""] = ChunkedState(B, device, tail=initial.expand(B, K, L).clone(), initial=initial,
+                                  before=torch.ones(B, L, dtype=torch.bool, device=device))
+        model.set_streaming_state(states)
         cfg = getattr(model, "ttt_config", None)
         keep = cfg is not None and cfg.state_grad == "full"
         # Found once per streaming session (the cut at every training step must not walk the model).
@@ -120,6 +161,7 @@ class ChunkedLM:
                                       ChunkedRingKVCache)]
         for cache in self._caches:
             cache.keep_graph = keep
+        set_memory_schedule(ttt_blocks(model), self.reset_every)
 
     def cut(self) -> None:
         """Start a new training span: the carried state enters the next chunk without the graph of
@@ -137,15 +179,39 @@ class ChunkedLM:
             self._stack.close()
             self._stack = None
 
+    # ------------------------------------------------------------------ delay tail
+    @property
+    def _root(self) -> ChunkedState:
+        st = self.model._streaming_state
+        if not isinstance(st, ChunkedState):
+            raise RuntimeError("ChunkedLM: outside its context (use `with ChunkedLM(...)`)")
+        return st
+
+    @property
+    def tail(self) -> torch.Tensor:
+        """[B, K, L] the last raw frames of each lane (the streaming state's delay tail)."""
+        return self._root.tail
+
+    @tail.setter
+    def tail(self, value: torch.Tensor) -> None:
+        self._root.tail = value
+
+    @property
+    def before(self) -> torch.Tensor:
+        """[B, L] True where a tail frame precedes the lane's file."""
+        return self._root.before
+
+    @before.setter
+    def before(self, value: torch.Tensor) -> None:
+        self._root.before = value
+
     # ------------------------------------------------------------------ step
     def reset(self, mask: torch.Tensor) -> None:
-        """Lanes in ``mask`` [B] start a new file: fresh memory, empty attention, no delay tail."""
-        mask = mask.to(self.tail.device)
-        if not bool(mask.any()):
-            return
-        self.model.reset_streaming(mask)
-        self.tail = torch.where(mask.view(-1, 1, 1), self._initial.expand_as(self.tail), self.tail)
-        self.before = self.before | mask.view(-1, 1)
+        """Lanes in ``mask`` [B] start a new file: fresh memory, empty attention, no delay tail
+        (moshi's ``reset_streaming``, which reaches every state, the tail's included)."""
+        mask = mask.to(self._root.device)
+        if bool(mask.any()):
+            self.model.reset_streaming(mask)
 
     def _losses(self, seq_in: torch.Tensor, seq_tgt: torch.Tensor, tgt_ok: torch.Tensor) -> TokenLosses:
         """The model over one chunk in the delayed domain (advances the streaming state)."""
@@ -182,19 +248,21 @@ class ChunkedLM:
         return TokenLosses(*checkpoint(run, seq_in, use_reentrant=False))
 
     def step(self, codes: torch.Tensor, reset: torch.Tensor | None = None,
-             valid: torch.Tensor | None = None) -> ChunkOutput:
+             valid: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> ChunkOutput:
         """codes [B, K, C] raw frames (moshi's layout, -1 = padding); reset [B] bool before the chunk;
         valid [B, C] real frames (default: frames whose codes are not all -1). Like moshi's full
-        forward, only positions that are real frames make predictions."""
+        forward, only positions that are real frames make predictions. labels [B, N, C] integer
+        labels per frame, carried in the delay tail like the codes: the output's ``target_labels``
+        gives each token the labels of its target frame."""
         if self._stack is None:
             raise RuntimeError("ChunkedLM.step outside its context (use `with ChunkedLM(...)`)")
         if reset is not None:
             self.reset(reset)
-        model = self.model
+        model, root = self.model, self._root
         B, K, C = codes.shape
         L = self.tail_len
-        ext = torch.cat([self.tail, codes], dim=2)                                      # [B, K, L + C]
-        before = torch.cat([self.before, torch.zeros(B, C, dtype=torch.bool, device=codes.device)], 1)
+        ext = torch.cat([root.tail, codes], dim=2)                                      # [B, K, L + C]
+        before = torch.cat([root.before, torch.zeros(B, C, dtype=torch.bool, device=codes.device)], 1)
         j = torch.arange(C, device=codes.device)
         d = self.delays.to(codes.device).view(K, 1)
         idx_in = (L + j - 1 - d).view(1, K, C).expand(B, K, C)
@@ -212,7 +280,14 @@ class ChunkedLM:
             losses = self._losses(seq_in, seq_tgt, tgt_ok)
         dq = model.dep_q
 
-        self.tail = ext[:, :, -L:].detach()
-        self.before = before[:, -L:]
+        root.tail = ext[:, :, -L:].detach()
+        root.before = before[:, -L:]
         target_frame = (j.view(1, C) - d)[: 1 + dq]
-        return ChunkOutput(losses, target_frame)
+        target_labels = None
+        if labels is not None:
+            if root.labels is None:
+                root.labels = labels.new_zeros(B, labels.shape[1], L)
+            ext_l = torch.cat([root.labels, labels.to(root.labels)], 2)                    # [B, N, L + C]
+            target_labels = ext_l[:, :, L + target_frame.to(ext_l.device)]                  # [B, N, 1 + dq, C]
+            root.labels = ext_l[:, :, -L:]
+        return ChunkOutput(losses, target_frame, target_labels)

@@ -43,6 +43,7 @@ import torch
 from ..runtime import PeriodicLog, is_terminal
 from ..ttt.config import TTTConfig
 from .build import build_lm, tiny_lm_kwargs
+from .hybrid import memory_schedule
 from .memory import load_memory, save_memory
 from .mimi import FRAME_RATE, SAMPLE_RATE, load_mimi, random_mimi
 
@@ -427,6 +428,20 @@ def _build(args: argparse.Namespace):
     return model.eval(), mimi
 
 
+def _trained_reset_every(adapter: str | Path | None) -> int | None:
+    """The memory's reset schedule a TTT adapter was trained with: None (kept for the whole
+    conversation) unless it was trained with ``persistent_states: false``, then its training chunk
+    (``reset_every``, written by the trainer; adapters written before it have ``ttt.chunk_frames``)."""
+    if adapter is None:
+        return None
+    from .weights import read_ttt_checkpoint_config
+
+    cfg = read_ttt_checkpoint_config(adapter)
+    if cfg["ttt"].get("persistent_states", True):
+        return None
+    return cfg.get("reset_every") or cfg["ttt"].get("chunk_frames")
+
+
 def main(args: argparse.Namespace) -> int:
     from ..runtime import setup_threads
 
@@ -461,8 +476,9 @@ def main(args: argparse.Namespace) -> int:
                 frames = meta.get("frames")
                 _say(f"memory loaded from {args.memory_in}: TTT layers {meta.get('ttt_layers')}"
                      + (f", after {int(frames) / FRAME_RATE:.1f} s of earlier conversation" if frames else ""))
-            res = generate(model, mimi, audio.frames(), sink, args.memory_in, args.memory_out, args.temp,
-                           args.temp_text, progress=not args.quiet, total_frames=total)
+            with memory_schedule(_trained_reset_every(args.ttt_checkpoint)):  # as the model was trained
+                res = generate(model, mimi, audio.frames(), sink, args.memory_in, args.memory_out, args.temp,
+                               args.temp_text, progress=not args.quiet, total_frames=total)
     except (AudioInputError, OutputError) as e:
         print(f"error: {e}")
         return 2

@@ -37,7 +37,7 @@ from ..errors import IntegrityError
 from ..fileio import atomic_path
 from ..ttt.state import TTTState, load_states, save_states, state_from_tensors
 from .build import ttt_blocks
-from .hybrid import TTTBlock, TTTBlockState
+from .hybrid import TTTBlockState
 
 
 def _model_meta(model) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def load_memory(model, path: str | Path) -> dict[str, Any]:
             new = state_from_tensors(grouped[f"layer{i}"], like=st.memory, source=f"{path} layer{i}")
         except (KeyError, ValueError) as e:  # a tensor missing or of another shape
             raise IntegrityError(f"{path}: memory of layer {i} does not fit the model ({e})") from e
-        TTTBlock.store_memory(st, new)
+        st.store(new)
     return meta
 
 
@@ -135,8 +135,9 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], scalars: d
 
 
 def _state_fields(state) -> list[str]:
-    # exec_mask is set in __post_init__, not a dataclass field; callbacks/graphs are not state.
-    names = [f.name for f in dataclasses.fields(state) if f.name not in ("batch_size", "device", "block")]
+    # exec_mask is set in __post_init__, not a dataclass field; callbacks/graphs are not state, nor
+    # the parameters a TTT block's state holds by reference for its resets (``initial``).
+    names = [f.name for f in dataclasses.fields(state) if f.name not in ("batch_size", "device", "initial")]
     return ["exec_mask", *names]
 
 
@@ -170,8 +171,9 @@ def _safe_meta(module) -> dict[str, str]:
     return {"model": json.dumps(_model_meta(model)) if hasattr(model, "transformer") else "{}"}
 
 
-def load_stream(module: StreamingModule, path: str | Path) -> None:
-    """Restore a state written by ``save_stream`` into ``module`` (streaming, same batch size)."""
+def load_stream(module: StreamingModule, path: str | Path, fill: dict[str, torch.Tensor] | None = None) -> None:
+    """Restore a state written by ``save_stream`` into ``module`` (streaming, same batch size).
+    ``fill``: tensors (by key) for a file written before they were part of the state."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -184,6 +186,7 @@ def load_stream(module: StreamingModule, path: str | Path) -> None:
     if "sha256" in meta and tensors_digest(tensors) != meta["sha256"]:
         raise IntegrityError(f"{path}: stream file is corrupted (sha256 of its tensors does not match)")
     check_finite(tensors, path)
+    tensors = {**(fill or {}), **tensors}
     scalars = json.loads(meta["scalars"])
 
     def put(dst: torch.Tensor, key: str) -> None:

@@ -152,6 +152,10 @@ RESUME_CHANGEABLE = {
 }
 
 
+# Keys of checkpoints written by earlier versions, dropped on load (``TTTConfig.LEGACY_KEYS``).
+_LEGACY = {f"ttt.{k}" for k in TTTConfig.LEGACY_KEYS}
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -170,7 +174,7 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any]
     defaults = _flatten(dump(TrainConfig()))
     applied, refused = [], []
     for k in sorted(set(a) | set(b)):
-        if k == "progress":  # display only
+        if k == "progress" or k in _LEGACY:  # progress: display only
             continue
         if k not in a and b.get(k) == defaults.get(k):
             continue  # a setting added after the checkpoint was written, at its default

@@ -242,7 +242,8 @@ def save_sharded_run(trainer) -> object:
     if info.is_main:
         def writer(folder):
             save_file(trainable, str(folder / "trainable.safetensors"))
-            save_ttt_checkpoint(trainer.model, folder / "adapter", extra={"step": trainer.step})
+            save_ttt_checkpoint(trainer.model, folder / "adapter",
+                                extra={"step": trainer.step, "reset_every": trainer.runner.reset_every})
             torch.save({
                 "step": trainer.step, "optimizer": optim, "scheduler": trainer.scheduler.state_dict(),
                 "stream": trainer.stream.state_dict(), "nonfinite_in_row": trainer.nonfinite_in_row,

@@ -32,6 +32,7 @@ from ..errors import EXIT_STOPPED, MoshiTTTError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
 from ..model.chunked import ChunkedLM
+from ..model.hybrid import BlockCall, recorded_calls
 from ..model.loss import TokenLosses, WeightedSums, combine, weighted_sums
 from ..model.memory import load_stream, restore_stream, save_stream, snapshot_stream, stream_finite, stream_nbytes
 from ..model.weights import adapter_keys, apply_lora, load_lm, save_ttt_checkpoint, trainable_names
@@ -83,8 +84,7 @@ def resolve_device(name: str) -> torch.device:
 def make_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """Build the model of a training config (tiny preset or local weights), LoRA, trainable set."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
-    # Non-persistent memory resets every training chunk, in training and evaluation alike.
-    ttt = dataclasses.replace(cfg.ttt, chunk_frames=cfg.data.chunk_frames)
+    ttt = cfg.ttt  # its reset schedule is not the model's: the trainer passes it (``reset_every``)
     torch.manual_seed(cfg.model.init_seed)
     if cfg.model.preset == "tiny":
         # chunkable: exact attention over chunks longer than one frame, with or without TTT.
@@ -105,6 +105,12 @@ def make_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     return model
+
+
+def reset_every(cfg: TrainConfig) -> int | None:
+    """The memory's reset schedule in training: kept across a file's chunks (None), or reset
+    every chunk (``ttt.persistent_states: false``, the seeds' baseline)."""
+    return None if cfg.ttt.persistent_states else cfg.data.chunk_frames
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -170,11 +176,13 @@ class Trainer:
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
         self.step = 0
+        self._probed: dict[int, BlockCall] = {}  # the last probed span's TTT calls (memory_metrics)
         self.nonfinite_in_row = 0
         self.skipped = 0
         self._stop_requested = False
         self._stop_signal: str | None = None
-        self.runner = ChunkedLM(self.model, cfg.data.lanes, recompute=cfg.recompute_chunks)
+        self.runner = ChunkedLM(self.model, cfg.data.lanes, recompute=cfg.recompute_chunks,
+                                reset_every=reset_every(cfg))
         self.runner.start()
         self._inner(self.step_module).runner = self.runner
         if resume and self.dist.world_size > 1 and self.fsdp is None:
@@ -217,28 +225,31 @@ class Trainer:
                 kw[k] = v[sl]
         return ChunkBatch(**kw)
 
-    def train_step(self, batches: list[ChunkBatch] | ChunkBatch) -> dict[str, Any]:
+    def train_step(self, batches: list[ChunkBatch] | ChunkBatch, probe: bool = False) -> dict[str, Any]:
         """One optimizer step over a training span of ``len(batches)`` consecutive chunks
         (``bptt_chunks``): the loss is the token mean over the span; with ``ttt.state_grad: full``
-        its gradient is that of one forward over the span's frames."""
+        its gradient is that of one forward over the span's frames. ``probe``: keep each TTT
+        block's last call of the span for ``memory_metrics`` (inner loss before/after)."""
         cfg = self.cfg
         if isinstance(batches, ChunkBatch):
             batches = [batches]
         t0 = time.perf_counter()
         self.model.train()
         self.runner.cut()  # a new span: the carried state enters without the previous span's graph
-        snap = self._snapshot_carried()
+        snap = snapshot_stream(self.model)  # all carried state: TTT memory, KV caches, delay tail
         ws: WeightedSums | None = None
         frames = 0.0
         epoch = 0
-        for batch in batches:
-            batch = self._rank_slice(batch).to(self.device)
-            text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
-            w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
-            ws = w if ws is None else WeightedSums(ws.text_num + w.text_num, ws.text_den + w.text_den,
-                                                   ws.audio_num + w.audio_num, ws.audio_den + w.audio_den)
-            frames += float(batch.valid.sum()) * self.dist.world_size
-            epoch = batch.epoch
+        with recorded_calls(ttt_blocks(self.model) if probe else {}) as calls:  # forward only
+            for batch in batches:
+                batch = self._rank_slice(batch).to(self.device)
+                text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
+                w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
+                ws = w if ws is None else WeightedSums(ws.text_num + w.text_num, ws.text_den + w.text_den,
+                                                       ws.audio_num + w.audio_num, ws.audio_den + w.audio_den)
+                frames += float(batch.valid.sum()) * self.dist.world_size
+                epoch = batch.epoch
+        self._probed = calls
         assert ws is not None
         dens = all_reduce_sum(torch.stack([ws.text_den, ws.audio_den]).detach().float(), self.dist)
         terms = combine(ws, cfg.loss, dens[0].to(ws.text_num), dens[1].to(ws.audio_num))
@@ -258,7 +269,8 @@ class Trainer:
             self.nonfinite_in_row = 0
         else:
             # Nothing non-finite is carried on or saved; lanes whose file started in the span start it.
-            self._restore_carried(snap, [self._rank_slice(b).reset for b in batches])
+            restore_stream(self.model, snap)
+            self.runner.reset(torch.stack([self._rank_slice(b).reset for b in batches]).any(0))
             self.nonfinite_in_row += 1
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -278,18 +290,6 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ carried state
-    def _snapshot_carried(self) -> dict[str, Any]:
-        """Copy of the state carried across steps (TTT memory, KV caches, delay tail)."""
-        return {"stream": snapshot_stream(self.model), "tail": self.runner.tail.clone(),
-                "before": self.runner.before.clone()}
-
-    def _restore_carried(self, snap: dict[str, Any], resets: list[torch.Tensor]) -> None:
-        """Put the carried state back to ``snap`` (a skipped step leaves no trace in it), then
-        apply the skipped span's resets: the lanes whose file started there start it fresh."""
-        restore_stream(self.model, snap["stream"])
-        self.runner.tail, self.runner.before = snap["tail"], snap["before"]
-        self.runner.reset(torch.stack([r.to(snap["tail"].device) for r in resets]).any(0))
-
     def _carried_finite(self) -> bool:
         ok = torch.tensor(float(stream_finite(self.model)), device=self.device)
         return bool(all_reduce_sum(ok, self.dist) == self.dist.world_size) if self.dist.enabled else bool(ok)
@@ -303,9 +303,9 @@ class Trainer:
             st = b._streaming_state
             if st is not None:
                 out[f"drift/layer{i}"] = float(b.layer.state_drift(st.memory).mean())
-            ba = b.inner_loss_before_after()
-            if ba is not None:
-                out[f"inner_loss_before/layer{i}"], out[f"inner_loss_after/layer{i}"] = ba
+            call = self._probed.get(i)
+            if call is not None:
+                out[f"inner_loss_before/layer{i}"], out[f"inner_loss_after/layer{i}"] = b.inner_loss_before_after(call)
         if out:
             gates = [v for k, v in out.items() if k.startswith("gate/")]
             drifts = [v for k, v in out.items() if k.startswith("drift/")]
@@ -343,13 +343,13 @@ class Trainer:
 
         def writer(folder: Path) -> None:
             save_file(trainable, str(folder / "trainable.safetensors"))
-            save_ttt_checkpoint(self.model, folder / "adapter", extra={"step": self.step})
+            save_ttt_checkpoint(self.model, folder / "adapter",
+                                extra={"step": self.step, "reset_every": self.runner.reset_every})
             save_stream(self.model, folder / "stream.safetensors")
             torch.save({
                 "step": self.step, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
                 "rng": rng_state(), "nonfinite_in_row": self.nonfinite_in_row, "skipped": self.skipped,
-                "tail": self.runner.tail.cpu(), "before": self.runner.before.cpu(),
             }, folder / "trainer.pt")
             write_config(folder, self.cfg)
 
@@ -425,9 +425,9 @@ class Trainer:
             self.stream.load_state_dict(st["stream"])
         except ValueError as e:  # the dataset changed under the same path
             raise CheckpointError(f"{ck}: {e}; resume with the data the run started with") from e
-        load_stream(self.model, ck / "stream.safetensors")
-        self.runner.tail = st["tail"].to(self.device)
-        self.runner.before = st["before"].to(self.device)
+        # Checkpoints written before the delay tail was part of the stream state keep it here.
+        legacy = {":tail": st["tail"], ":before": st["before"]} if "tail" in st else None
+        load_stream(self.model, ck / "stream.safetensors", fill=legacy)
         set_rng_state(st["rng"])
         self.step, self.nonfinite_in_row, self.skipped = st["step"], st["nonfinite_in_row"], st["skipped"]
         self._apply_resume_config(saved_config(ck))
@@ -452,7 +452,6 @@ class Trainer:
             return self._finished_summary()
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.dist.is_main else None
         old_term = signal.signal(signal.SIGTERM, self._on_sigint) if self.dist.is_main else None
-        blocks = ttt_blocks(self.model)
         # disable=None: no bar when stderr is not a terminal (log files, CI).
         bar = tqdm(total=cfg.steps, initial=self.step, disable=None if (cfg.progress and self.dist.is_main) else True,
                    desc="train", unit="step", dynamic_ncols=True)
@@ -462,11 +461,7 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 will_log = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
-                for b in blocks.values():
-                    b.record_probe, b.probe = will_log, None
-                metrics = self.train_step([next(it) for _ in range(cfg.bptt_chunks)])
-                for b in blocks.values():
-                    b.record_probe = False
+                metrics = self.train_step([next(it) for _ in range(cfg.bptt_chunks)], probe=will_log)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.update(self.memory_metrics())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..records import FieldValueError, dump, load
 
@@ -28,9 +28,11 @@ class TTTConfig:
         base_lr: inner learning rate scale; the per-token rate is
             ``base_lr * sigmoid(x W_lr + b_lr) / head_dim``.
         mini_batch_size: tokens per inner gradient step (TTT mini-batch).
-        persistent_states: True keeps the memory for a whole file / conversation; False resets it
-            every ``chunk_frames`` frames (in training, full-sequence and streaming alike).
-        chunk_frames: frames per training chunk; also the reset period when not persistent.
+        persistent_states: the training choice: True keeps the memory for a whole file /
+            conversation; False resets it every training chunk. The layer does not read it: the
+            reset schedule is an argument of the run (``TTTMLP.forward(reset_every=...)``), which
+            the trainer derives from this and the data's chunk length (``data.chunk_frames``, the
+            one owner of that value), and an evaluation from its memory mode.
         initial_gating_alpha: initial value of the per-channel gate ``tanh(alpha)``.
         state_grad: how the carried state enters a new chunk's graph. "full": the carried state
             keeps its autograd graph across the chunks of one training span (``bptt_chunks`` in
@@ -85,7 +87,6 @@ class TTTConfig:
     base_lr: float = 1.0
     mini_batch_size: int = 16
     persistent_states: bool = True
-    chunk_frames: int = 750
     initial_gating_alpha: float = 0.1
     state_grad: Literal["full", "delta", "detach"] = "delta"
     num_heads: int | None = None
@@ -114,8 +115,6 @@ class TTTConfig:
             raise bad("mini_batch_size", "must be an integer >= 1")
         if not isinstance(self.base_lr, (int, float)) or self.base_lr < 0:
             raise bad("base_lr", "must be a number >= 0")
-        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
-            raise bad("chunk_frames", "must be an integer >= 1")
         if not isinstance(self.initial_gating_alpha, (int, float)):
             raise bad("initial_gating_alpha", "must be a number")
         if self.state_grad not in ("full", "delta", "detach"):
@@ -169,6 +168,12 @@ class TTTConfig:
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form (``records.dump``): what adapters and memory files store."""
         return dump(self)
+
+    # Keys of configs saved by earlier versions, accepted and dropped on load. ``chunk_frames`` was a
+    # copy of ``data.chunk_frames`` (the reset period when not persistent); ``generate`` still reads
+    # it from the raw adapter config of an adapter written before the trainer recorded
+    # ``reset_every`` beside it.
+    LEGACY_KEYS: ClassVar[frozenset[str]] = frozenset({"chunk_frames"})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TTTConfig:

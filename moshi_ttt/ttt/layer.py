@@ -18,6 +18,13 @@ from .ops import default_token_idx
 from .state import TTTState, carry_state, init_state, reset_state, reset_state_, select_state
 
 
+def _reset_due(pos: torch.Tensor, reset_every: int, exec_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] bool: the samples whose periodic reset is due before their next token (``pos`` [B]
+    tokens since the last reset); with ``exec_mask`` [B], only the samples that execute."""
+    due = pos >= reset_every
+    return due if exec_mask is None else due & exec_mask.to(due.device)
+
+
 class TTTMLP(nn.Module):
     """Gated TTT-MLP memory.
 
@@ -146,13 +153,13 @@ class TTTMLP(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
 
-    def _rope(self, x: torch.Tensor, pos0: torch.Tensor) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, pos0: torch.Tensor, reset_every: int | None = None) -> torch.Tensor:
         """Rotary embedding with the position inside the mini-batch (ttt-lm-pytorch's choice).
-        Positions count from the last reset, also across the resets of non-persistent mode."""
+        Positions count from the last reset, also across the periodic resets (``reset_every``)."""
         B, H, T, d = x.shape
         pos = pos0.view(B, 1) + torch.arange(T, device=x.device)              # [B, T]
-        if not self.config.persistent_states:
-            pos = pos % self.config.chunk_frames  # pos0 <= chunk_frames: a pending reset wraps to 0
+        if reset_every is not None:
+            pos = pos % reset_every  # pos0 <= reset_every: a pending reset wraps to 0
         pos = pos % self.config.mini_batch_size
         inv = self.config.rope_theta ** (-torch.arange(0, d, 2, device=x.device, dtype=x.dtype) / d)
         ang = pos.to(x.dtype).unsqueeze(-1) * inv                              # [B, T, d/2]
@@ -182,15 +189,17 @@ class TTTMLP(nn.Module):
             tail = x.new_zeros(x.shape[0], k - 1, x.shape[2])
         return torch.cat([tail.to(x.dtype), x], 1)[:, -(k - 1):]
 
-    def project(self, x: torch.Tensor, pos0: torch.Tensor, conv: torch.Tensor | None = None):
+    def project(self, x: torch.Tensor, pos0: torch.Tensor, conv: torch.Tensor | None = None,
+                reset_every: int | None = None):
         """x [B, T, dim] (and the convolution's tail ``conv`` [B, k-1, dim]) -> xq, xk, xv
-        [B, H, T, d] and lr [B, H, T]."""
+        [B, H, T, d] and lr [B, H, T]. ``pos0`` [B]: tokens since the last reset (``reset_every``:
+        the period of the memory's resets, for the rotary positions)."""
         hq, hk, hv = self._short_conv(x, conv)
         xq, xk, xv = self._heads(self.wq(hq)), self._heads(self.wk(hk)), self._heads(self.wv(hv))
         if self.config.qk_l2_norm:
             xq, xk = F.normalize(xq, dim=-1), F.normalize(xk, dim=-1)
         if self.config.rope:
-            xq, xk = self._rope(xq, pos0), self._rope(xk, pos0)
+            xq, xk = self._rope(xq, pos0, reset_every), self._rope(xk, pos0, reset_every)
         lr = self.config.base_lr * torch.sigmoid(self.lr_gate(x)) / self.head_dim  # [B, T, H]
         return xq, xk, xv, lr.transpose(1, 2)
 
@@ -203,7 +212,7 @@ class TTTMLP(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self, x: torch.Tensor, state: TTTState | None = None, exec_mask: torch.Tensor | None = None,
-        impl: str = "auto", inplace: bool = False,
+        impl: str = "auto", inplace: bool = False, reset_every: int | None = None,
     ) -> tuple[torch.Tensor, TTTState]:
         """Run the memory over ``x`` and return ``(update, new_state)``.
 
@@ -215,6 +224,11 @@ class TTTMLP(nn.Module):
                 chooses between the PyTorch forms and the Triton kernels).
             inplace: the caller owns ``state`` and allows one-frame no-grad steps to update it in
                 place (the fused streaming kernel, allocation-free for CUDA graphs) when available.
+            reset_every: the reset schedule, chosen by whoever runs the layer (training: the data's
+                chunk length when the memory is not persistent; evaluation: its memory mode). None
+                keeps the memory (persistent); P resets it to the learned initial weights every P
+                tokens counted since the last reset, so that full-sequence, chunked and
+                token-by-token runs reset at the same tokens.
         Returns:
             update [B, T, dim] to add to the residual stream, and the new state.
         """
@@ -226,7 +240,7 @@ class TTTMLP(nn.Module):
             # Truncated BPTT with the gradient path of DESIGN.md section 4.
             state = carry_state(state, self.base_weights(), self.config.state_grad)
         old = state
-        xq, xk, xv, lr = self.project(x, state.pos, state.conv)
+        xq, xk, xv, lr = self.project(x, state.pos, state.conv, reset_every)
         new_tail = self.conv_tail(x, state.conv)
         # The operator's part of the state; the convolution's input tail is carried beside it and
         # is not touched by the periodic resets of non-persistent mode (it is local context, like
@@ -236,41 +250,32 @@ class TTTMLP(nn.Module):
         K, kern = self.config.mini_batch_size, self.config.kernels
         if inplace and T == 1 and impl == "auto" and not torch.is_grad_enabled():
             # Streaming (LMGen): update the caller's state in place, no host sync, no new state.
-            if not self.config.persistent_states:
-                due = state.pos >= self.config.chunk_frames
-                if exec_mask is not None:  # a sample that does not execute keeps its state exactly
-                    due = due & exec_mask.to(due.device)
-                reset_state_(state, self.base_weights(), due)
+            if reset_every is not None:  # a sample that does not execute keeps its state exactly
+                reset_state_(state, self.base_weights(), _reset_due(state.pos, reset_every, exec_mask))
             out = ttt_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask, kernels=kern)
             if new_tail is not None:  # the convolution's tail, in place too (exec mask honoured)
                 keep = exec_mask.view(-1, 1, 1).to(new_tail.device) if exec_mask is not None else None
                 old.conv.copy_(new_tail if keep is None else torch.where(keep, new_tail, old.conv))
             return self.readout(out), old
 
-        if self.config.persistent_states:
-            out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl, kernels=kern)
-        else:
-            # Reset every chunk_frames frames, counted since the last reset, so that full-sequence,
-            # chunked and frame-by-frame runs reset at the same frames.
-            P = self.config.chunk_frames
+        if reset_every is not None:
             fresh = (fresh if fresh is not None else self.init_state(B, dtype=state.W1.dtype)).core()
-            if T == 1:  # streaming: no host sync (CUDA graphs)
-                due = state.pos >= P
-                if exec_mask is not None:  # as the in-place step: a non-executing sample is untouched
-                    due = due & exec_mask.to(due.device)
-                state = reset_state(state, fresh, due)
-                out, state = ttt_mlp(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, impl=impl, kernels=kern)
-            else:
-                outs, t = [], 0
-                while t < T:
-                    state = reset_state(state, fresh, state.pos >= P)
-                    n = min(T - t, int((P - state.pos).min()))
-                    sl = slice(t, t + n)
-                    o, state = ttt_mlp(xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl],
-                                       ln_w, ln_b, state, K, tok, impl=impl, kernels=kern)
-                    outs.append(o)
-                    t += n
-                out = torch.cat(outs, dim=2)
+        # The call in segments that end where a periodic reset is due (one segment when persistent).
+        # A sample that does not execute gets its old state back below, resets included; in a
+        # one-frame call its output, too, is computed without its due reset, as in the in-place step.
+        outs, t = [], 0
+        while t < T:
+            n = T - t
+            if reset_every is not None:
+                state = reset_state(state, fresh, _reset_due(state.pos, reset_every, exec_mask if T == 1 else None))
+                if T > 1:  # one-frame calls need no split (and no host sync: CUDA graphs)
+                    n = min(n, int((reset_every - state.pos).min()))
+            sl = slice(t, t + n)
+            o, state = ttt_mlp(xq[:, :, sl], xk[:, :, sl], xv[:, :, sl], lr[:, :, sl],
+                               ln_w, ln_b, state, K, tok, impl=impl, kernels=kern)
+            outs.append(o)
+            t += n
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         if new_tail is not None:
             state = dataclasses.replace(state, conv=new_tail)
         if exec_mask is not None:

@@ -107,6 +107,16 @@ def init_state(
     return TTTState(*weights, *sums, pos=pos)
 
 
+def fresh_state(base: tuple[torch.Tensor, ...], like: TTTState) -> TTTState:
+    """A fresh memory shaped like ``like`` (batch size, dtype, convolution tail) from the learned
+    initial weights ``base`` = (W1, b1, W2, b2) [H, ...]. Under autograd it keeps its graph to
+    ``base`` (a reset inside a training span reaches the initial weights like a fresh stream)."""
+    st = init_state(*(w.to(like.W1.dtype) for w in base), like.batch_size)
+    if like.conv is not None:
+        st.conv = torch.zeros_like(like.conv)
+    return st
+
+
 def _bmask(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     m = mask.to(device=t.device, dtype=torch.bool)
     if torch.is_grad_enabled():
