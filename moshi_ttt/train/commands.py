@@ -54,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     if (hint := missing_data(cfg)) is not None:
         print(f"error: {hint}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, resume=args.resume, restart=getattr(args, "restart", False))
+    # The evaluation layer gives this command its periodic evaluation (eval/commands.py: training
+    # imports nothing from evaluation).
+    make_evaluator = getattr(args, "make_evaluator", None)
+    trainer = Trainer(cfg, resume=args.resume, restart=getattr(args, "restart", False),
+                      evaluator=make_evaluator(cfg) if make_evaluator is not None else None)
     try:
         summary = trainer.train()
     except TrainingStopped as e:
@@ -83,18 +87,3 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import os
-
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    p = argparse.ArgumentParser(prog="python -m moshi_ttt.train", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    add_arguments(p)
-    from ..cli import debug_requested, run_guarded
-
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(raw)
-    return run_guarded(lambda: run(args), debug_requested(raw))

@@ -18,6 +18,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ from .config import ConfigError, TrainConfig, resume_changes, to_dict
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .fsdp import FSDPState, resume_sharded_run, save_sharded_run
 from .logging import MetricsLogger
+
+#: The trainer's evaluation callback: ``(model, step) -> {metric: value}``, called on the main rank
+#: every ``eval_every`` steps with the training streams parked; its metrics are logged as ``eval/<k>``.
+#: The caller builds it (``moshi_ttt.eval.evaluate.periodic_evaluator``): training imports no evaluation.
+Evaluator = Callable[[nn.Module, int], Mapping[str, float]]
 
 
 class TrainingStopped(MoshiTTTError, RuntimeError):
@@ -134,8 +140,9 @@ class _ChunkStep(nn.Module):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, dist: DistInfo | None = None,
-                 restart: bool = False):
+                 restart: bool = False, evaluator: Evaluator | None = None):
         self.cfg = cfg
+        self.evaluator = evaluator
         self.device = resolve_device(cfg.device)
         self.dist = dist or init_distributed(self.device.type)
         self.run_dir = Path(cfg.run_dir)
@@ -157,7 +164,6 @@ class Trainer:
         # N processes sees exactly the batches of one process with N times the lanes.
         self.stream = ChunkStream(self.dataset, cfg.data.lanes * self.dist.world_size, cfg.data.chunk_frames,
                                   seed=cfg.seed, mode=cfg.data.mode)
-        self.eval_dataset = EncodedDataset(cfg.data.eval) if cfg.data.eval else None
         self.step_module: nn.Module = _ChunkStep(self.model)
         if self.fsdp is not None:
             self.step_module = self.fsdp.shard_root(self.step_module)
@@ -315,19 +321,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ eval
-    def run_eval(self) -> dict[str, Any] | None:
-        if self.eval_dataset is None or not self.dist.is_main or self.fsdp is not None:  # FSDP: see fsdp.py
+    def run_eval(self) -> dict[str, float] | None:
+        """The evaluator's metrics as ``eval/<k>`` (None without one; FSDP: see fsdp.py)."""
+        if self.evaluator is None or not self.dist.is_main or self.fsdp is not None:
             return None
-        from ..eval.evaluate import evaluate, summarize
-
         with _swap_streaming(self.model):
-            res = evaluate(self.model, self.eval_dataset, self.cfg.data.chunk_frames, lanes=self.cfg.data.lanes,
-                           mode="persistent" if self.cfg.ttt.persistent_states else "reset",
-                           max_files=self.cfg.data.eval_max_files)
-        summary = summarize(res)
-        (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "eval" / f"step_{self.step:07d}.json").write_text(json.dumps(res))
-        return {f"eval/{k}": v for k, v in summary.items() if v is not None}
+            metrics = self.evaluator(self.model, self.step)
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
