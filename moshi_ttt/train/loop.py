@@ -160,10 +160,10 @@ class Trainer:
         self._check_layout(self.dataset, cfg.data.train)
         if len(self.dataset) == 0:
             raise DataError(str(cfg.data.train), "no usable file in the training dataset (see the messages above)")
-        # One global schedule over lanes x world; each rank takes its slice of lanes, so a run on
-        # N processes sees exactly the batches of one process with N times the lanes.
-        self.stream = ChunkStream(self.dataset, cfg.data.lanes * self.dist.world_size, cfg.data.chunk_frames,
-                                  seed=cfg.seed, mode=cfg.data.mode)
+        # One schedule over lanes x world; the stream gives each rank its lanes (and loads only their
+        # files), so a run on N processes sees exactly the batches of one process with N times the lanes.
+        self.stream = ChunkStream(self.dataset, cfg.data.lanes, cfg.data.chunk_frames, seed=cfg.seed,
+                                  mode=cfg.data.mode, rank=self.dist.rank, world_size=self.dist.world_size)
         self.step_module: nn.Module = _ChunkStep(self.model)
         if self.fsdp is not None:
             self.step_module = self.fsdp.shard_root(self.step_module)
@@ -206,19 +206,6 @@ class Trainer:
                               f"{self.model.num_codebooks} (1 text + n_q audio)")
 
     # ------------------------------------------------------------------ one step
-    def _rank_slice(self, batch: ChunkBatch) -> ChunkBatch:
-        if not self.dist.enabled:
-            return batch
-        lo = self.dist.rank * self.cfg.data.lanes
-        sl = slice(lo, lo + self.cfg.data.lanes)
-        kw = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-        for k, v in kw.items():
-            if isinstance(v, torch.Tensor):
-                kw[k] = v[sl]
-            elif isinstance(v, list):
-                kw[k] = v[sl]
-        return ChunkBatch(**kw)
-
     def train_step(self, batches: list[ChunkBatch] | ChunkBatch) -> dict[str, Any]:
         """One optimizer step over a training span of ``len(batches)`` consecutive chunks
         (``bptt_chunks``): the loss is the token mean over the span; with ``ttt.state_grad: full``
@@ -230,29 +217,27 @@ class Trainer:
         self.model.train()
         self.runner.cut()  # a new span: the carried state enters without the previous span's graph
         snap = self._snapshot_carried()
-        ws: WeightedSums | None = None
+        local = []  # per chunk: this rank's [text num, text den, audio num, audio den] (nums differentiable)
         frames = 0.0
         epoch = 0
         for batch in batches:
-            batch = self._rank_slice(batch).to(self.device)
+            batch = batch.to(self.device)
             text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
             w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
-            ws = w if ws is None else WeightedSums(ws.text_num + w.text_num, ws.text_den + w.text_den,
-                                                   ws.audio_num + w.audio_num, ws.audio_den + w.audio_den)
+            local.append(torch.stack([w.text_num, w.text_den, w.audio_num, w.audio_den]))
             frames += float(batch.valid.sum()) * self.dist.world_size
             epoch = batch.epoch
-        assert ws is not None
-        dens = all_reduce_sum(torch.stack([ws.text_den, ws.audio_den]).detach().float(), self.dist)
-        terms = combine(ws, cfg.loss, dens[0].to(ws.text_num), dens[1].to(ws.audio_num))
+        sums = torch.stack(local).sum(0)                                            # [4]: the span's sums
+        glob = all_reduce_sum(sums.detach().float(), self.dist)                     # [4]: over all ranks
+        # The token mean over the global batch: this rank's numerators over the global denominators.
         # DDP averages gradients over ranks: scale so that the result is the global token mean.
-        (terms.total * self.dist.world_size).backward()
+        (combine(WeightedSums(*sums), cfg.loss, glob[1], glob[3]).total * self.dist.world_size).backward()
         if self.fsdp is not None:
             self.fsdp.sync_grads()
         clip = self.fsdp.clip_grad_norm_ if self.fsdp is not None else torch.nn.utils.clip_grad_norm_
         grad_norm = clip(self.params, cfg.optim.grad_clip)
-        sums = all_reduce_sum(torch.stack([ws.text_num.detach(), ws.audio_num.detach()]).float(), self.dist)
-        loss_value = (cfg.loss.text_weight * sums[0] / dens[0].clamp_min(1e-8)
-                      + cfg.loss.audio_weight * sums[1] / dens[1].clamp_min(1e-8))  # global, all ranks
+        reported = combine(WeightedSums(*glob), cfg.loss)                           # the global loss, every rank
+        loss_value = reported.total
         finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(grad_norm)) and self._carried_finite()
         lr = self.scheduler.get_last_lr()[0]
         if finite:
@@ -260,15 +245,15 @@ class Trainer:
             self.nonfinite_in_row = 0
         else:
             # Nothing non-finite is carried on or saved; lanes whose file started in the span start it.
-            self._restore_carried(snap, [self._rank_slice(b).reset for b in batches])
+            self._restore_carried(snap, [b.reset for b in batches])
             self.nonfinite_in_row += 1
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        metrics = {"step": self.step, "loss": float(loss_value), "text_loss": float(sums[0] / dens[0].clamp_min(1e-8)),
-                   "audio_loss": float(sums[1] / dens[1].clamp_min(1e-8)), "grad_norm": float(grad_norm), "lr": lr,
+        metrics = {"step": self.step, "loss": float(loss_value), "text_loss": float(reported.text),
+                   "audio_loss": float(reported.audio), "grad_norm": float(grad_norm), "lr": lr,
                    "frames_per_s": frames / dt, "epoch": epoch, "skipped": not finite}
         if not finite:
             print(f"step {self.step}: non-finite loss or gradient (loss={float(loss_value)}, "
