@@ -1,1 +1,1 @@
-"""eval"""
+"""Evaluation: per-chunk losses of held-out files (typed results), the experiment, statistics, report."""

@@ -173,8 +173,9 @@ fmt_loss, fmt_diff, fmt_p = _fmt(".4f"), _fmt("+.4f"), _fmt(".3g")
 fmt_pct, fmt_std = _fmt("+.2f", 100), _fmt(".2f", 100)
 
 
-def _ci(lo: str, hi: str) -> str:
-    return "" if lo == "n/a" or hi == "n/a" else f" [{lo}, {hi}]"
+def _est(fmt: Callable[[float | None], str], v: float | None, lo: float | None, hi: float | None) -> str:
+    """``v [lo, hi]`` in ``fmt``; just ``v`` without both bounds."""
+    return fmt(v) + ("" if lo is None or hi is None else f" [{fmt(lo)}, {fmt(hi)}]")
 
 
 # ---- per-corpus analysis ----------------------------------------------------------------------
@@ -419,16 +420,14 @@ def contrast_row(e: dict[str, Any]) -> str:
     if c is None:
         return (f"| {tag} | {metric} | {e['x_label'] or e['x']} | {e['y_label'] or e['y']} | – | – | – | – | – | – | – "
                 f"| skipped: {e['skipped']} |")
-    diff = fmt_diff(c.mean_diff) + _ci(fmt_diff(c.diff_ci_low), fmt_diff(c.diff_ci_high))
-    rel = fmt_pct(c.rel_change) + _ci(fmt_pct(c.rel_ci_low), fmt_pct(c.rel_ci_high))
+    diff = _est(fmt_diff, c.mean_diff, c.diff_ci_low, c.diff_ci_high)
+    rel = _est(fmt_pct, c.rel_change, c.rel_ci_low, c.rel_ci_high)
     return (f"| {tag} | {metric} | {c.x_name} | {c.y_name} | {c.n} | {fmt_loss(c.mean_x)} | {fmt_loss(c.mean_y)} | "
             f"{diff} | {rel} | {fmt_p(c.wilcoxon_p)} | {fmt_p(c.ttest_p)} | {c.decision} |")
 
 
 def _ci_cell(ci: MeanCI) -> str:
-    if ci.mean is None:
-        return "n/a"
-    return fmt_loss(ci.mean) + _ci(fmt_loss(ci.low), fmt_loss(ci.high))
+    return "n/a" if ci.mean is None else _est(fmt_loss, ci.mean, ci.low, ci.high)
 
 
 def _corpus_md(name: str, res: dict[str, Any]) -> list[str]:
@@ -536,8 +535,8 @@ def _conclusion(corpora: dict[str, dict[str, Any]], sanity: dict[str, Any] | Non
             L.append(f"{what}: not measured ({e['skipped'] if e else 'missing'}).")
         else:
             c = e["comparison"]
-            L.append(f"{what}: {c.verdict} (relative change {fmt_pct(c.rel_change)}"
-                     f"{_ci(fmt_pct(c.rel_ci_low), fmt_pct(c.rel_ci_high))}).")
+            rel = _est(fmt_pct, c.rel_change, c.rel_ci_low, c.rel_ci_high)
+            L.append(f"{what}: {c.verdict} (relative change {rel}).")
     other = "later_chunk_loss" if head["metric"] == "recall_loss" else None
     if other:
         e = _find(res["contrasts"], HEADLINE, other)

@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .. import records
+from ..data.dataset import atomic_write_text
 from ..errors import ConfigValueError
 
 FORMAT = "moshi-ttt-eval"
@@ -157,13 +158,6 @@ class FileResult(_Open):
         """Loss over chunks ``>= 1`` (chunk 0 starts from the learned initial weights in every mode)."""
         return _wmean([(c.loss, c.tokens) for c in self.chunks if c.chunk_index >= 1])
 
-    def loss(self) -> float | None:
-        """Loss over every chunk."""
-        return _wmean([(c.loss, c.tokens) for c in self.chunks])
-
-    def first_chunk_loss(self) -> float | None:
-        return _wmean([(c.loss, c.tokens) for c in self.chunks if c.chunk_index == 0])
-
     def recall_loss(self) -> float | None:
         """Recall-target loss over every chunk (None when the file has no recall target)."""
         return _wmean([(c.recall_loss, c.recall_tokens) for c in self.chunks])
@@ -269,7 +263,6 @@ class EvalResult(_Open):
         return cls.from_json(Path(path).read_text(), source=str(path))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
-        return path
+        """Write atomically: the experiment skips evaluations whose file exists, so none is ever partial."""
+        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+        return Path(path)

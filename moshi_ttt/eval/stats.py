@@ -11,7 +11,7 @@ improvement of the mean larger than 10% (``(mean_y - mean_x) / mean_x < -0.10``;
 better). Otherwise keep the simpler X: "no significant difference", "improvement below threshold"
 (significant but <= 10%), "mixed" (mean and median disagree) or "hurts" (significantly worse).
 
-numpy/scipy only (no torch).
+numpy/scipy for the numbers.
 """
 
 from __future__ import annotations
