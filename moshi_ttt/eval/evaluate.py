@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -84,14 +85,9 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     model.eval()
     files = dataset.files[:max_files] if max_files else dataset.files
 
-    class _Subset:  # the stream only needs ``files`` and ``load``
-        def __init__(self):
-            self.files, self.layout = files, getattr(dataset, "layout", None)
-
-        def load(self, file_id):
-            return dataset.load(file_id)
-
-    stream = ChunkStream(_Subset(), lanes, chunk_frames, shuffle=False, epochs=1)
+    # The stream needs only ``files``, ``load`` (and ``layout``): the first ``max_files`` files.
+    subset = SimpleNamespace(files=files, load=dataset.load, layout=getattr(dataset, "layout", None))
+    stream = ChunkStream(subset, lanes, chunk_frames, shuffle=False, epochs=1)
     device = next(model.parameters()).device
     max_delay = max(model.delays)
     # (file, chunk) -> sums and counts: loss/text/audio/recall and per rung
