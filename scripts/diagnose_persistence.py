@@ -20,7 +20,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 from moshi_ttt.data.dataset import EncodedDataset  # noqa: E402
 from moshi_ttt.data.synthetic import SynthConfig, write_corpus  # noqa: E402
-from moshi_ttt.eval.evaluate import evaluate, summarize  # noqa: E402
+from moshi_ttt.eval.evaluate import evaluate  # noqa: E402
 from moshi_ttt.train.config import load_train_config  # noqa: E402
 from moshi_ttt.train.logging import read_metrics  # noqa: E402
 from moshi_ttt.train.loop import Trainer, load_trained  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     trainer.close()
     model, _, _ = load_trained(run)
     ds = EncodedDataset(val)
-    res = {m: summarize(evaluate(model, ds, cfg.data.chunk_frames, lanes=4, mode=m)) for m in ("reset", "persistent")}
+    res = {m: evaluate(model, ds, cfg.data.chunk_frames, lanes=4, mode=m).summary() for m in ("reset", "persistent")}
     last = [m for m in read_metrics(run) if "gate_mean" in m][-1]
     print(json.dumps({
         "name": a.name, "train_files": a.train_files, "sets": a.set, "seconds": round(time.time() - t0),

@@ -198,3 +198,25 @@ def test_writer_rejects_codes_outside_layout(tmp_path):
         w.add("x", bad)
     with pytest.raises(ValueError, match="shape"):
         w.add("y", torch.zeros(3, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["ordered", "clips"])
+def test_ranks_play_their_lanes_of_the_one_process_schedule(seven, mode):
+    """N processes of B lanes see exactly the batches of one process of N*B lanes, lane for lane
+    (what makes a DDP run equal to a one-process run with the global batch)."""
+    ds = EncodedDataset(seven)
+    whole = run(ChunkStream(ds, 4, CHUNK, seed=3, mode=mode, epochs=2))
+    parts = [run(ChunkStream(ds, 2, CHUNK, seed=3, mode=mode, rank=r, world_size=2, epochs=2)) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for step, ref in enumerate(whole):
+        for r in range(2):
+            got, lanes = parts[r][step], slice(2 * r, 2 * r + 2)
+            assert got.file_id == ref.file_id[lanes] and (got.epoch, got.step) == (ref.epoch, ref.step)
+            for name in ("codes", "valid", "reset", "recall_mask", "chunk_index", "active"):
+                assert torch.equal(getattr(got, name), getattr(ref, name)[lanes]), (step, r, name)
+    # Every rank's position is the global one: rank 1 resumes from rank 0's state.
+    s0 = ChunkStream(ds, 2, CHUNK, seed=3, mode=mode, rank=0, world_size=2, epochs=2)
+    run(s0, 3)
+    s1 = ChunkStream(ds, 2, CHUNK, seed=3, mode=mode, rank=1, world_size=2, epochs=2)
+    s1.load_state_dict(s0.state_dict())
+    assert next(iter(s1)).file_id == parts[1][3].file_id

@@ -7,7 +7,7 @@ import pytest
 
 from moshi_ttt.eval.experiment import load_experiment_config, run_experiment
 from moshi_ttt.eval.ladder import analyse_ladder
-from moshi_ttt.eval.schema import EvalResult
+from moshi_ttt.eval.results import EvalResult
 from moshi_ttt.train.config import ConfigError
 
 CHANCE = 4.137

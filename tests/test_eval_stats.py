@@ -11,15 +11,12 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from moshi_ttt.eval.schema import ChunkResult, FileResult
+from moshi_ttt.eval.results import ChunkResult, FileResult
 from moshi_ttt.eval.stats import (
     chunk_curve,
     decide,
-    later_chunk_loss,
     mean_ci,
-    paired_chunk_curve,
     paired_comparison,
-    recall_target_loss,
     spread_across_seeds,
 )
 
@@ -220,18 +217,18 @@ def _file(fid: str, rows) -> FileResult:
 
 def test_per_file_metrics_hand_computed():
     f = _file("f", [(9.0, 100, None, 0), (2.0, 10, 1.0, 2), (4.0, 30, 4.0, 6)])
-    assert later_chunk_loss(f) == pytest.approx((2.0 * 10 + 4.0 * 30) / 40)  # chunk 0 excluded
-    assert recall_target_loss(f) == pytest.approx((1.0 * 2 + 4.0 * 6) / 8)
+    assert f.later_chunk_loss() == pytest.approx((2.0 * 10 + 4.0 * 30) / 40)  # chunk 0 excluded
+    assert f.recall_loss() == pytest.approx((1.0 * 2 + 4.0 * 6) / 8)
     single = _file("s", [(3.0, 50, None, 0)])
-    assert later_chunk_loss(single) is None and recall_target_loss(single) is None
+    assert single.later_chunk_loss() is None and single.recall_loss() is None
     empty_later = _file("e", [(3.0, 50, None, 0), (None, 0, None, 0), (6.0, 25, None, 0)])
-    assert later_chunk_loss(empty_later) == 6.0  # a chunk with no scored tokens enters no mean
+    assert empty_later.later_chunk_loss() == 6.0  # a chunk with no scored tokens enters no mean
     with_chunk0_recall = _file("r", [(3.0, 50, 5.0, 4), (3.0, 50, None, 0)])
-    assert recall_target_loss(with_chunk0_recall) == 5.0  # recall counts in every chunk, chunk 0 included
+    assert with_chunk0_recall.recall_loss() == 5.0  # recall counts in every chunk, chunk 0 included
 
 
 def test_chunk_curves_hand_computed():
-    from moshi_ttt.eval.schema import EvalResult
+    from moshi_ttt.eval.results import EvalResult
 
     def result(files):
         return EvalResult("A", "reset", "reset", 0, "ckpt", "data", "long-memory", 64, 32, files)
@@ -241,5 +238,5 @@ def test_chunk_curves_hand_computed():
     cx = chunk_curve([x])
     assert cx.chunk_index == [0, 1] and cx.n == [2, 1]
     assert cx.mean == [4.0, 2.0] and cx.low[1] is None
-    d = paired_chunk_curve([x], [y])
+    d = chunk_curve([y], baseline=[x])
     assert d.mean == [pytest.approx(-0.75), pytest.approx(-1.0)]

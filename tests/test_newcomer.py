@@ -107,9 +107,17 @@ def test_eval_writes_beside_the_run_rounded_with_the_right_corpus(tmp_path, caps
                                    "data.lanes=2", "steps=2", "log_every=1", "ckpt_every=2", "progress=false",
                                    f"data.eval={data / 'held'}", "eval_every=1000",
                                    "ttt.layers=[1]"])
-    trainer = Trainer(cfg)
+    from moshi_ttt.eval.evaluate import periodic_evaluator
+
+    trainer = Trainer(cfg, evaluator=periodic_evaluator(cfg))
     trainer.train()
     trainer.close()
+    # The trainer's evaluation callback: the monitored files' JSON, and its token-weighted mean in the log.
+    step = json.loads((run / "eval" / "step_0000002.json").read_text())
+    chunks = [c for f in step["files"] for c in f["chunks"]]
+    expected = sum(c["loss"] * c["tokens"] for c in chunks) / sum(c["tokens"] for c in chunks)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["eval/loss"] for m in logged if "eval/loss" in m] == [pytest.approx(expected, rel=1e-9)]
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data / "held"), "--mode", "persistent", "--quiet"]) == 0
     out = capsys.readouterr().out

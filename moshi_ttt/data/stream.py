@@ -8,12 +8,14 @@ moshi's ``zero_token_id`` (-1, excluded from moshi's loss) and ``valid`` marks i
 no file is left for a lane at the end of an epoch it emits fully padded chunks with
 ``active=False`` and ``reset=True`` until the longest lane is done.
 
-Distributed: files are split between ranks (balanced on chunk counts, deterministic from the seed),
-and every rank runs the same number of steps per epoch (ranks that run out pad with inactive
-lanes), so collective ops never wait on a rank that has stopped.
+Distributed: rank ``r`` of ``N`` plays lanes ``r*B .. r*B + B - 1`` of the one schedule of ``N*B``
+lanes, so ``N`` processes of ``B`` lanes see exactly the batches of one process of ``N*B`` lanes
+(the same files in the same lanes at the same steps), each rank loading only its own lanes' files;
+every rank runs the same number of steps per epoch (idle lanes are inactive), so collective ops
+never wait on a rank that has stopped.
 
-The whole schedule is a function of ``(seed, epoch, files, B, chunk_frames, rank, world_size)``,
-so the position is just ``(epoch, step)``: ``state_dict()`` / ``load_state_dict()`` resume at
+The whole schedule is a function of ``(seed, epoch, files, N*B, chunk_frames)``, so the position is
+just ``(epoch, step)``, the same on every rank: ``state_dict()`` / ``load_state_dict()`` resume at
 exactly the next chunk.
 
 ``mode="clips"`` is moshi-finetune's behaviour for comparison: the chunks of all files are shuffled
@@ -113,7 +115,7 @@ class _Schedule:
     steps: int
     lanes: list[list[_Slot]]  # ordered mode: per lane, slots sorted by start
     lane_starts: list[list[int]]
-    clips: list[tuple[int, int]] | None = None  # clips mode: this rank's (file, chunk) in order
+    clips: list[tuple[int, int]] | None = None  # clips mode: every (file, chunk) of the epoch in order
 
 
 class ChunkStream:
@@ -124,7 +126,8 @@ class ChunkStream:
         batch_size: number of lanes ``B``.
         chunk_frames: frames per chunk ``C``.
         seed: file order shuffle seed (order of epoch ``e`` is a function of ``(seed, e)``).
-        rank, world_size: this process's share of the files in distributed training.
+        rank, world_size: this process plays lanes ``rank*B .. rank*B + B - 1`` of a schedule of
+            ``B * world_size`` lanes (distributed training).
         mode: ``"ordered"`` (files in order, state carried) or ``"clips"`` (independent chunks).
         shuffle: shuffle the file (clips: chunk) order each epoch; False keeps index order.
         epochs: stop after this many epochs (None: never stop).
@@ -171,46 +174,33 @@ class ChunkStream:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
-    def _shards(self, order: np.ndarray) -> list[list[int]]:
-        """Files of each rank: greedy, in order, to the rank with the fewest chunks so far."""
-        load = [0] * self.world_size
-        shards: list[list[int]] = [[] for _ in range(self.world_size)]
-        for f in order:
-            r = min(range(self.world_size), key=lambda i: (load[i], i))
-            shards[r].append(int(f))
-            load[r] += int(self._nchunks[f])
-        return shards
-
     def _lanes(self, files: list[int]) -> tuple[list[list[_Slot]], int]:
-        """Assign files to lanes: the lane that frees up first (lowest index on ties) takes the next."""
-        free_at = [0] * self.batch_size
-        lanes: list[list[_Slot]] = [[] for _ in range(self.batch_size)]
+        """Assign files to the lanes of all ranks: the lane that frees up first (lowest index on
+        ties) takes the next. Returns this rank's lanes and the number of steps."""
+        total = self.batch_size * self.world_size
+        free_at = [0] * total
+        lanes: list[list[_Slot]] = [[] for _ in range(total)]
         for f in files:
-            b = min(range(self.batch_size), key=lambda i: (free_at[i], i))
+            b = min(range(total), key=lambda i: (free_at[i], i))
             n = int(self._nchunks[f])
             lanes[b].append(_Slot(f, free_at[b], n))
             free_at[b] += n
-        return lanes, max(free_at)
+        return lanes[self.rank * self.batch_size:(self.rank + 1) * self.batch_size], max(free_at)
 
     def _schedule(self, epoch: int) -> _Schedule:
         if self._sched is not None and self._sched.epoch == epoch:
             return self._sched
         order = self._order(epoch)
         if self.mode == "ordered":
-            shards = self._shards(order)
-            per_rank = [self._lanes(s) for s in shards]
-            lanes, _ = per_rank[self.rank]
-            steps = max(st for _, st in per_rank)
+            lanes, steps = self._lanes([int(f) for f in order])
             sched = _Schedule(epoch, steps, lanes, [[s.start for s in lane] for lane in lanes])
         else:
             items = [(int(f), c) for f in order for c in range(int(self._nchunks[f]))]
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(items))
                 items = [items[i] for i in perm]
-            mine = items[self.rank::self.world_size]
-            longest = -(-len(items) // self.world_size)
-            steps = -(-longest // self.batch_size)
-            sched = _Schedule(epoch, steps, [], [], clips=mine)
+            steps = -(-len(items) // (self.batch_size * self.world_size))
+            sched = _Schedule(epoch, steps, [], [], clips=items)
         self._sched = sched
         return sched
 
@@ -229,8 +219,8 @@ class ChunkStream:
 
     def _lane_item(self, sched: _Schedule, lane: int, step: int) -> tuple[int, int, int] | None:
         """``(file, chunk_index, num_chunks)`` played by ``lane`` at ``step``, or None if idle."""
-        if sched.clips is not None:
-            i = step * self.batch_size + lane
+        if sched.clips is not None:  # the global batch's lanes in order, this rank's slice of them
+            i = (step * self.world_size + self.rank) * self.batch_size + lane
             if i >= len(sched.clips):
                 return None
             f, c = sched.clips[i]
@@ -314,12 +304,14 @@ class ChunkStream:
 
     def _fingerprint(self) -> dict[str, Any]:
         files = json.dumps([[f.file_id, f.num_frames] for f in self._files])
-        return {"seed": self.seed, "batch_size": self.batch_size, "chunk_frames": self.chunk_frames,
-                "rank": self.rank, "world_size": self.world_size, "mode": self.mode, "shuffle": self.shuffle,
+        # batch_size: the lanes of all ranks (the schedule's), so every rank's position is the same.
+        return {"seed": self.seed, "batch_size": self.batch_size * self.world_size, "chunk_frames": self.chunk_frames,
+                "mode": self.mode, "shuffle": self.shuffle,
                 "files_sha256": hashlib.sha256(files.encode()).hexdigest(), "num_files": len(self._files)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Position (``epoch``, ``step`` of the next batch) plus what it is only valid for."""
+        """Position (``epoch``, ``step`` of the next batch) plus what it is only valid for (the
+        global schedule: valid on every rank)."""
         return {"epoch": self.epoch, "step": self.step, **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

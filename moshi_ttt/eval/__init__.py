@@ -1,1 +1,1 @@
-"""Evaluation: per-chunk losses of a checkpoint, the persistence experiment (arms, statistics, plots, report)."""
+"""Evaluation: per-chunk losses of held-out files (typed results), the experiment, statistics, report."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 HELP = """Evaluate a trained checkpoint on held-out files, chunk after chunk, in either memory mode.
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.dataset import EncodedDataset
     from ..data.report import DataError
     from ..train.loop import load_trained
-    from .evaluate import corpus_kind, evaluate, summarize
+    from .evaluate import corpus_kind, evaluate
 
     check_args(args)
     model, cfg, ck = load_trained(args.checkpoint, device=args.device)
@@ -58,23 +57,18 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(str(args.data), "no usable file in the dataset")
     chunk = args.chunk_frames if args.chunk_frames is not None else cfg.data.chunk_frames
     modes = ["reset", "persistent"] if args.mode == "both" else [args.mode]
+    train_mode = "persistent" if cfg.ttt.persistent_states else "reset"
     if not model.ttt_layers:
-        modes = ["none"]
+        modes, train_mode = ["none"], "none"
     corpus = args.corpus or corpus_kind(ds)
     out = Path(args.out) if args.out else default_out(Path(ck), args.data)
-    out.mkdir(parents=True, exist_ok=True)
     print(f"evaluating {ck} on {args.data} ({corpus} corpus, {len(ds.files)} files, chunks of {chunk} frames)")
     for mode in modes:
         res = evaluate(model, ds, chunk, lanes=args.lanes, mode=mode, max_files=args.max_files,
-                       progress=not args.quiet,
-                       meta={"checkpoint": str(ck), "data": str(args.data), "seed": cfg.seed,
-                             "train_mode": ("persistent" if cfg.ttt.persistent_states else "reset")
-                             if model.ttt_layers else "none", "arm": args.arm, "corpus": corpus})
-        res["context"] = int(model.transformer.layers[0].self_attn.context)
-        path = out / f"eval_{mode}.json"
-        path.write_text(json.dumps(res, indent=1))
-        s = summarize(res)
-        chance = res.get("recall_chance_nats")
+                       progress=not args.quiet, arm=args.arm, train_mode=train_mode, seed=cfg.seed,
+                       checkpoint=str(ck), data=str(args.data), corpus=corpus)
+        path = res.save(out / f"eval_{mode}.json")
+        s, chance = res.summary(), res.recall_chance_nats
         recall = f"recall-target loss {_fmt(s['recall_loss'])}" + (
             f" (chance {chance:.4f})" if chance is not None else "") if s["recall_loss"] is not None else ""
         print(f"memory {mode:10s} per-token loss {_fmt(s['loss'])} (chunks >= 1: {_fmt(s['loss_later_chunks'])})"
@@ -104,5 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     from . import experiment
+    from .evaluate import periodic_evaluator
 
     experiment.register(sub)
+    # `train` (registered before this module, see cli.COMMAND_MODULES) evaluates through this layer.
+    sub.choices["train"].set_defaults(make_evaluator=periodic_evaluator)

@@ -1,17 +1,19 @@
-"""Per-chunk evaluation of held-out files, in either memory mode.
+"""Per-chunk evaluation of held-out files, in either memory mode, into an :class:`EvalResult`.
 
 Every held-out file is played in order, chunk after chunk, through the same chunked path as
 training (``ChunkedLM``), with the memory either kept for the whole file (``persistent``) or reset
 every chunk (``reset``), whatever the model was trained with. For each file and chunk we record
 the mean cross-entropy (text + audio tokens), text and audio separately, the loss on the
-beyond-window recall targets (synthetic corpus), and the TTT state drift at the chunk's end.
-The output is the ``moshi-ttt-eval`` JSON read by the experiment's statistics and report.
+beyond-window recall targets (synthetic corpora) and per ladder rung, and the TTT state drift at
+the chunk's end. :func:`periodic_evaluator` is the trainer's evaluation callback.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Literal
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -21,22 +23,19 @@ from ..data.stream import ChunkStream
 from ..model.build import ttt_blocks
 from ..model.chunked import ChunkedLM
 from ..runtime import PeriodicLog, is_terminal
-
-EvalMode = Literal["persistent", "reset", "none"]
-RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
-
-
-LOSS_DEFINITION = "per-token loss: cross-entropy in nats averaged over all text and audio tokens"
+from ..train.config import TrainConfig
+from .results import LOSS_DEFINITION, RUNGS, ChunkResult, Corpus, EvalResult, FileResult, Mode
 
 
-def corpus_kind(dataset: EncodedDataset) -> str:
-    """``long-memory`` or ``control`` for a synthetic corpus (from its ``dataset.json``), else ``real``."""
+def corpus_kind(dataset: EncodedDataset) -> Corpus:
+    """``long-memory`` / ``control`` / ``kv`` / ``kv-control`` for a synthetic corpus (from its
+    ``dataset.json``), else ``real``."""
     synth = getattr(dataset, "meta", {}).get("synthetic")
-    if isinstance(synth, dict):
-        if synth.get("task") == "kv":  # the key -> value ladder and its control
-            return "kv-control" if synth.get("control") else "kv"
-        return "control" if synth.get("control") or synth.get("kind") == "control" else "long-memory"
-    return "real"
+    if not isinstance(synth, dict):
+        return "real"
+    if synth.get("task") == "kv":  # the key -> value ladder and its control
+        return "kv-control" if synth.get("control") else "kv"
+    return "control" if synth.get("control") or synth.get("kind") == "control" else "long-memory"
 
 
 def recall_chance_nats(dataset: EncodedDataset, text_n: float, audio_n: float) -> float | None:
@@ -59,31 +58,30 @@ def _lane_drift(model) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, mode: EvalMode = "persistent",
-             max_files: int | None = None, progress: bool = False, meta: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``dataset``; returns the ``moshi-ttt-eval`` dict (see ``eval.schema``).
+def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, mode: Mode = "persistent",
+             max_files: int | None = None, progress: bool = False, *, arm: str = "B",
+             train_mode: Mode | None = None, seed: int = 0, checkpoint: str = "unknown", data: str | None = None,
+             corpus: Corpus | None = None, corpus_name: str | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``dataset`` (the first ``max_files`` files) in chunks of ``chunk_frames``.
 
     mode: "persistent" keeps the memory across a file's chunks, "reset" resets it every chunk,
-    "none" is for models without TTT (same numbers as either).
+    "none" is for models without TTT (same numbers as either). The keyword arguments describe the
+    evaluated weights in the result (``train_mode`` defaults to ``mode``, ``data`` to the dataset's
+    folder, ``corpus`` to :func:`corpus_kind`).
     """
     was_training = model.training
     model.eval()
     files = dataset.files[:max_files] if max_files else dataset.files
 
-    class _Subset:  # the stream only needs ``files`` and ``load``
-        def __init__(self):
-            self.files, self.layout = files, getattr(dataset, "layout", None)
-
-        def load(self, file_id):
-            return dataset.load(file_id)
-
-    stream = ChunkStream(_Subset(), lanes, chunk_frames, shuffle=False, epochs=1)
+    # The stream needs only ``files``, ``load`` (and ``layout``): the first ``max_files`` files.
+    subset = SimpleNamespace(files=files, load=dataset.load, layout=getattr(dataset, "layout", None))
+    stream = ChunkStream(subset, lanes, chunk_frames, shuffle=False, epochs=1)
     device = next(model.parameters()).device
+    # (file, chunk) -> sums and counts: loss/text/audio/recall and per rung
     acc: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    drift: dict[tuple[str, int], float] = {}
     recall_text_n = recall_audio_n = 0.0
-    num_frames = {f.file_id: f.num_frames for f in files}
-    with ChunkedLM(model, lanes, reset_every=chunk_frames if mode == "reset" else None) as runner:
+    with ChunkedLM(model, lanes, reset_every=chunk_frames if mode == "reset" else None) as run:
         # A bar on a terminal; in a log file, a line a minute instead (never silent, never a bar's redraws).
         log = PeriodicLog(f"eval ({mode}) chunks", every_s=60.0) if progress else None
         for batch in tqdm(stream, disable=not (progress and is_terminal()), desc=f"eval ({mode})", unit="chunk"):
@@ -94,75 +92,75 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             # in its delay tail and gives each token those of its *target* frame.
             rung = batch.recall_rung if batch.recall_rung is not None else torch.zeros_like(batch.codes[:, 0])
             labels = torch.stack([batch.recall_mask.long(), rung.to(device).long()], 1)       # [B, 2, C]
-            out = runner.step(batch.codes, batch.reset, batch.valid, labels=labels)
+            out = run.step(batch.codes, batch.reset, batch.valid, labels=labels)
             tl = out.losses
-            rec, rr = out.target_labels[:, 0].bool(), out.target_labels[:, 1]              # [B, 1 + dep_q, C]
-            drift = _lane_drift(model)
+            rec, rr = out.target_labels[:, 0], out.target_labels[:, 1]                      # [B, 1 + dep_q, C]
+            mask = torch.cat([tl.text_mask[:, None], tl.audio_mask], 1)                  # [B, 1 + dep_q, C]
+            loss = torch.cat([tl.text[:, None], tl.audio], 1) * mask
+            is_text = torch.zeros_like(mask)
+            is_text[:, 0] = True
+            rec = (rec > 0) & mask
+            sums = {"text_sum": loss * is_text, "text_n": mask & is_text, "audio_sum": loss * ~is_text,
+                    "audio_n": mask & ~is_text, "recall_sum": loss * rec, "recall_n": rec,
+                    "recall_text_n": rec & is_text,
+                    **{k: v for r in RUNGS for k, v in ((f"rung{r}_sum", loss * (rr == r)),
+                                                         (f"rung{r}_n", mask & (rr == r)))}}
+            lane = {k: v.flatten(1).double().sum(1).tolist() for k, v in sums.items()}  # each: B floats
+            lane_drift = _lane_drift(model)
             for b, fid in enumerate(batch.file_id):
                 if fid is None or not bool(batch.active[b]):
                     continue
-                a = acc[(fid, int(batch.chunk_index[b]))]
-                a["text_sum"] += float(tl.text[b].sum())
-                a["text_n"] += float(tl.text_mask[b].sum())
-                a["audio_sum"] += float(tl.audio[b].sum())
-                a["audio_n"] += float(tl.audio_mask[b].sum())
-                rt, ra = rec[b, 0] & tl.text_mask[b], rec[b, 1:] & tl.audio_mask[b]
-                a["recall_sum"] += float((tl.text[b] * rt).sum() + (tl.audio[b] * ra).sum())
-                a["recall_n"] += float(rt.sum() + ra.sum())
-                recall_text_n += float(rt.sum())
-                recall_audio_n += float(ra.sum())
-                for r in RUNGS:
-                    mt, ma = (rr[b, 0] == r) & tl.text_mask[b], (rr[b, 1:] == r) & tl.audio_mask[b]
-                    n_r = float(mt.sum() + ma.sum())
-                    if n_r:
-                        a[f"rung{r}_sum"] += float((tl.text[b] * mt).sum() + (tl.audio[b] * ma).sum())
-                        a[f"rung{r}_n"] += n_r
-                if drift is not None:
-                    a["drift"] = float(drift[b])
+                key = (fid, int(batch.chunk_index[b]))
+                for k, v in lane.items():
+                    acc[key][k] += v[b]
+                recall_text_n += lane["recall_text_n"][b]
+                recall_audio_n += lane["recall_n"][b] - lane["recall_text_n"][b]
+                if lane_drift is not None:
+                    drift[key] = float(lane_drift[b])
     if was_training:
         model.train()
 
-    by_file: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for (fid, ci), a in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    def mean(a: dict[str, float], name: str) -> float | None:
+        return a[f"{name}_sum"] / a[f"{name}_n"] if a[f"{name}_n"] else None
+
+    by_file: dict[str, list[ChunkResult]] = defaultdict(list)
+    for (fid, ci), a in sorted(acc.items()):
         n = a["text_n"] + a["audio_n"]
-        by_file[fid].append({
-            "chunk_index": ci,
-            "loss": (a["text_sum"] + a["audio_sum"]) / n if n else None,
-            "text_loss": a["text_sum"] / a["text_n"] if a["text_n"] else None,
-            "audio_loss": a["audio_sum"] / a["audio_n"] if a["audio_n"] else None,
-            "tokens": int(n),
-            "recall_loss": a["recall_sum"] / a["recall_n"] if a["recall_n"] else None,
-            "recall_tokens": int(a["recall_n"]),
-            "state_drift": a.get("drift"),
+        by_file[fid].append(ChunkResult(
+            chunk_index=ci, tokens=int(n), loss=(a["text_sum"] + a["audio_sum"]) / n if n else None,
+            text_loss=mean(a, "text"), audio_loss=mean(a, "audio"), recall_tokens=int(a["recall_n"]),
+            recall_loss=mean(a, "recall"), state_drift=drift.get((fid, ci)),
             # Ladder corpora only: per-rung recall loss (per-token mean) and token counts.
-            **{k: v for r in RUNGS if a.get(f"rung{r}_n")
-               for k, v in ((f"rung{r}_loss", a[f"rung{r}_sum"] / a[f"rung{r}_n"]),
-                            (f"rung{r}_tokens", int(a[f"rung{r}_n"])))},
-        })
-    chance = recall_chance_nats(dataset, recall_text_n, recall_audio_n)
-    return {
-        "format": "moshi-ttt-eval", "version": 1, "eval_mode": mode, "chunk_frames": chunk_frames,
-        "loss_definition": LOSS_DEFINITION,
-        **({"recall_chance_nats": chance} if chance is not None else {}),
-        "context": getattr(model.transformer.layers[0].self_attn, "context", None),
-        **(meta or {}),
-        "files": [{"file_id": fid, "num_frames": num_frames[fid], "chunks": chunks}
-                  for fid, chunks in by_file.items()],
-    }
+            extra={k: v for r in RUNGS if a[f"rung{r}_n"]
+                   for k, v in ((f"rung{r}_loss", mean(a, f"rung{r}")), (f"rung{r}_tokens", int(a[f"rung{r}_n"])))}))
+    frames = {f.file_id: f.num_frames for f in files}
+    result = EvalResult(
+        arm=arm, train_mode=train_mode or mode, eval_mode=mode, seed=seed, checkpoint=checkpoint,
+        data=data or str(getattr(dataset, "root", "unknown")), corpus=corpus or corpus_kind(dataset),
+        chunk_frames=chunk_frames, context=int(model.transformer.layers[0].self_attn.context),
+        files=[FileResult(fid, frames[fid], chunks) for fid, chunks in by_file.items()],
+        recall_chance_nats=recall_chance_nats(dataset, recall_text_n, recall_audio_n), corpus_name=corpus_name,
+        loss_definition=LOSS_DEFINITION)
+    return EvalResult.from_json(result.to_json())  # validated where it is made, not when the report reads it
 
 
-def summarize(result: dict[str, Any]) -> dict[str, float | None]:
-    """Token-weighted means over all files: loss on chunks >= 1, recall loss, first-chunk loss."""
-    def wmean(key: str, n_key: str, pred) -> float | None:
-        num = den = 0.0
-        for f in result["files"]:
-            for c in f["chunks"]:
-                if pred(c) and c[key] is not None and c[n_key]:
-                    num += c[key] * c[n_key]
-                    den += c[n_key]
-        return num / den if den else None
+def periodic_evaluator(cfg: TrainConfig) -> Callable[[torch.nn.Module, int], dict[str, float]] | None:
+    """The trainer's evaluation callback for ``cfg.data.eval`` (None without it).
 
-    return {"loss": wmean("loss", "tokens", lambda c: True),
-            "loss_later_chunks": wmean("loss", "tokens", lambda c: c["chunk_index"] >= 1),
-            "loss_first_chunk": wmean("loss", "tokens", lambda c: c["chunk_index"] == 0),
-            "recall_loss": wmean("recall_loss", "recall_tokens", lambda c: True)}
+    Called with the model (training streams parked) and the step: evaluates the monitored files
+    in the memory mode the run trains with, writes ``run_dir/eval/step_N.json`` and returns the
+    summary (:meth:`EvalResult.summary`) for the metrics log.
+    """
+    if not cfg.data.eval:
+        return None
+    dataset = EncodedDataset(cfg.data.eval)
+
+    def run(model: torch.nn.Module, step: int) -> dict[str, float]:
+        mode: Mode = ("persistent" if cfg.ttt.persistent_states else "reset") if model.ttt_layers else "none"
+        res = evaluate(model, dataset, cfg.data.chunk_frames, lanes=cfg.data.lanes, mode=mode,
+                       max_files=cfg.data.eval_max_files, seed=cfg.seed,
+                       checkpoint=f"{cfg.run_dir} (training, step {step})")
+        res.save(Path(cfg.run_dir) / "eval" / f"step_{step:07d}.json")
+        return {k: v for k, v in res.summary().items() if v is not None}
+
+    return run

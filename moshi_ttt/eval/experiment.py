@@ -36,7 +36,7 @@ from ..data.synthetic import SynthConfig, write_corpus
 from ..model.presets import tiny_lm_kwargs
 from ..records import dump
 from ..train.config import ConfigError, TrainConfig, load_config
-from .evaluate import evaluate
+from .evaluate import evaluate, periodic_evaluator
 from .ladder import LadderResult, analyse_ladder, ladder_json, ladder_markdown, plot_ladder
 
 CorpusKind = Literal["kv", "kv-control", "long-memory", "control", "real"]
@@ -205,7 +205,8 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
                 if not done:
                     print(f"[{time.perf_counter() - t0:6.0f}s] train {spec.kind} seed {seed} arm {arm} "
                           f"({ARM_TRAIN_MODE[arm]}), {acfg.steps} steps")
-                    trainer = Trainer(acfg, resume=(run_dir / "checkpoints").is_dir())
+                    trainer = Trainer(acfg, resume=(run_dir / "checkpoints").is_dir(),
+                                      evaluator=periodic_evaluator(acfg))
                     trainer.train()
                     trainer.close()
                 logs[f"{arm}" if len(cfg.corpora) * len(cfg.seeds) == 1 else f"{arm}/{spec.label}/s{seed}"] = \
@@ -215,13 +216,9 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
                 for mode in modes:
                     path = out / "evals" / f"{spec.label}_seed{seed}_{arm}_{mode}.json"
                     if not path.is_file():
-                        res = evaluate(model, eval_ds, tcfg.data.chunk_frames, lanes=cfg.eval_lanes, mode=mode,
-                                       meta={"arm": arm, "train_mode": ARM_TRAIN_MODE[arm], "seed": seed,
-                                             "checkpoint": str(ck), "data": str(eval_dir), "corpus": spec.kind,
-                                             "corpus_name": spec.label})
-                        res["context"] = int(model.transformer.layers[0].self_attn.context)
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        path.write_text(json.dumps(res))
+                        evaluate(model, eval_ds, tcfg.data.chunk_frames, lanes=cfg.eval_lanes, mode=mode, arm=arm,
+                                 train_mode=ARM_TRAIN_MODE[arm], seed=seed, checkpoint=str(ck), data=str(eval_dir),
+                                 corpus=spec.kind, corpus_name=spec.label).save(path)
                     eval_paths.append(path)
                     if spec.kind.startswith("kv"):
                         ladder_evals.setdefault(spec.label, []).append(path)

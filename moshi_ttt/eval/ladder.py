@@ -25,13 +25,12 @@ Everything here is numpy/scipy through ``stats`` (no torch).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .schema import EvalResult
+from . import plots
+from .results import EvalResult
 from .stats import Comparison, MeanCI, mean_ci, paired_comparison, pool_seeds
 
 RUNG_NAMES = {1: "within attention's reach", 2: "beyond the reach, same training span",
@@ -40,11 +39,6 @@ SOLVED_FRACTION = 0.5      # rung 1 solved: mean loss below this fraction of cha
 DETECT_REL = -0.5          # memory detected: at least a 50% lower loss...
 DETECT_P = 0.01            # ...with Wilcoxon p below this, against each baseline
 CONTROL_MAX_REL = 0.02     # control: |relative change| below 2% and not significant
-
-
-def _per_file(results: Sequence[EvalResult], rung: int) -> dict[str, float | None]:
-    """``{file_id: rung loss}`` pooled over seeds (files are the unit of the paired tests)."""
-    return pool_seeds(results, f"rung{rung}_loss")
 
 
 @dataclass
@@ -72,17 +66,6 @@ class LadderResult:
     passed: bool          # positive control: memory detected; control: no false detection
 
 
-def _conditions(evals: Sequence[EvalResult]) -> dict[str, list[EvalResult]]:
-    out: dict[str, list[EvalResult]] = {}
-    for e in evals:
-        out.setdefault(e.label, []).append(e)
-    return out
-
-
-def _rel(c: Comparison | None) -> float | None:
-    return None if c is None else c.rel_change
-
-
 def analyse_ladder(evals: Sequence[EvalResult], corpus: str, chance: float, control: bool,
                    n_boot: int = 2000) -> LadderResult:
     """Apply the verdict rule of this module to the evaluations of one ladder corpus.
@@ -93,10 +76,12 @@ def analyse_ladder(evals: Sequence[EvalResult], corpus: str, chance: float, cont
         chance: the per-token loss of a predictor that knows nothing of the value (nats).
         control: True for the control corpus (nothing to remember).
     """
-    conds = _conditions(evals)
+    conds: dict[str, list[EvalResult]] = {}
+    for e in evals:
+        conds.setdefault(e.label, []).append(e)
     rungs: list[RungResult] = []
     for r in (1, 2, 3):
-        per = {lab: _per_file(res, r) for lab, res in conds.items()}
+        per = {lab: pool_seeds(res, f"rung{r}_loss") for lab, res in conds.items()}  # files: the unit
         per = {lab: v for lab, v in per.items() if any(x is not None for x in v.values())}
         if not per:
             continue
@@ -202,43 +187,11 @@ def ladder_markdown(res: LadderResult, plot: str | None = None) -> list[str]:
 
 def plot_ladder(res: LadderResult, path: str | Path) -> Path:
     """Grouped bars: per rung, the mean recall loss of every condition, with the chance line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = sorted({lab for rr in res.rungs for lab in rr.means})
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.8 / max(1, len(labels))
-    xs = np.arange(len(res.rungs))
-    top = res.chance
-    for i, lab in enumerate(labels):
-        m = [rr.means.get(lab) for rr in res.rungs]
-        y = [v.mean if v and v.mean is not None else np.nan for v in m]
-        err = [[v.mean - v.low if v and v.low is not None else 0 for v in m],
-               [v.high - v.mean if v and v.high is not None else 0 for v in m]]
-        ax.bar(xs + (i - (len(labels) - 1) / 2) * width, y, width, yerr=err, label=lab, capsize=2)
-        top = max([top] + [v.high if v.high is not None else v.mean for v in m if v and v.mean is not None])
-    ax.axhline(res.chance, color="k", ls="--", lw=1, label=f"chance ({res.chance:.2f})")
-    ax.set_xticks(xs, [f"rung {rr.rung}\n{rr.name}" for rr in res.rungs], fontsize=8)
-    ax.set_ylim(0, top * 1.12)
-    ax.set_ylabel("recall loss (nats per token)")
-    ax.set_title(f"{res.corpus}: {res.verdict[:70]}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.plot_grouped_bars([f"rung {rr.rung}\n{rr.name}" for rr in res.rungs],
+                                   {lab: [rr.means.get(lab) for rr in res.rungs] for lab in labels}, path,
+                                   f"{res.corpus}: {res.verdict[:70]}", "recall loss (nats per token)", res.chance)
 
 
 def ladder_json(res: LadderResult) -> dict[str, Any]:
-    return {"corpus": res.corpus, "control": res.control, "chance": res.chance, "verdict": res.verdict,
-            "passed": res.passed,
-            "rungs": [{"rung": rr.rung, "name": rr.name, "verdict": rr.verdict, "detected": rr.detected,
-                       "solved": rr.solved,
-                       "means": {k: {"mean": v.mean, "low": v.low, "high": v.high, "n": v.n}
-                                 for k, v in rr.means.items()},
-                       "kept_vs_reset": rr.kept_vs_reset.to_json() if rr.kept_vs_reset else None,
-                       "kept_vs_a": rr.kept_vs_a.to_json() if rr.kept_vs_a else None} for rr in res.rungs]}
+    return asdict(res)

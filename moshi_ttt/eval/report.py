@@ -38,16 +38,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ConfigDict, TypeAdapter
 
-from moshi_ttt.eval import plots
-from moshi_ttt.eval.schema import EvalResult, PerPosition
-from moshi_ttt.eval.stats import (
+from . import plots
+from .results import EvalResult
+from .stats import (
     ALPHA,
     METRIC_TITLES,
     MIN_REL_IMPROVEMENT,
@@ -55,7 +56,6 @@ from moshi_ttt.eval.stats import (
     MeanCI,
     chunk_curve,
     mean_ci,
-    paired_chunk_curve,
     paired_comparison,
     pool_seeds,
     spread_across_seeds,
@@ -117,8 +117,7 @@ def chance_level(results: Sequence[EvalResult]) -> float | None:
     alphabet (text or audio). Results that disagree (different corpora layouts) give their mean,
     which is still the right reference to within the spread of the recall token mix.
     """
-    values = [r.extra.get("recall_chance_nats") for r in results]
-    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    values = [r.recall_chance_nats for r in results if r.recall_chance_nats is not None]
     return float(np.mean(values)) if values else None
 
 
@@ -158,45 +157,25 @@ def load_evals(paths: Sequence[str | Path]) -> list[EvalResult]:
     return [EvalResult.load(p) for p in paths]
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, tuples -> lists, dataclasses -> dicts, paths -> str."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _clean(obj.item())
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "__dataclass_fields__"):
-        return _clean(asdict(obj))
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)
+def _jsonable(obj: Any) -> Any:
+    """JSON-safe copy (dataclasses -> dicts, tuples -> lists, NaN/inf -> null) through pydantic."""
+    return json.loads(_ANY.dump_json(obj))
 
 
-def fmt_loss(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+_ANY = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="null"))
 
 
-def fmt_diff(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:+.4f}"
+def _fmt(spec: str, scale: float = 1.0) -> Callable[[float | None], str]:
+    return lambda v: "n/a" if v is None else f"{scale * v:{spec}}" + ("%" if scale == 100 else "")
 
 
-def fmt_pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:+.2f}%"
+fmt_loss, fmt_diff, fmt_p = _fmt(".4f"), _fmt("+.4f"), _fmt(".3g")
+fmt_pct, fmt_std = _fmt("+.2f", 100), _fmt(".2f", 100)
 
 
-def fmt_std(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
-def fmt_p(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3g}"
-
-
-def _ci(lo: str, hi: str) -> str:
-    return "" if lo == "n/a" or hi == "n/a" else f" [{lo}, {hi}]"
+def _est(fmt: Callable[[float | None], str], v: float | None, lo: float | None, hi: float | None) -> str:
+    """``v [lo, hi]`` in ``fmt``; just ``v`` without both bounds."""
+    return fmt(v) + ("" if lo is None or hi is None else f" [{fmt(lo)}, {fmt(hi)}]")
 
 
 # ---- per-corpus analysis ----------------------------------------------------------------------
@@ -214,7 +193,7 @@ def _group(evals: Sequence[EvalResult]) -> dict[str, _Corpus]:
     """Group results by corpus and condition; check that arms and seeds are unambiguous."""
     corpora: dict[str, _Corpus] = {}
     for r in evals:
-        name = str(r.extra.get("corpus_name") or r.corpus)  # two corpora of one kind stay apart
+        name = r.corpus_name or r.corpus  # two corpora of one kind stay apart
         c = corpora.setdefault(name, _Corpus(name, {}, {}, []))
         c.groups.setdefault(r.condition, []).append(r)
     for c in corpora.values():
@@ -244,10 +223,6 @@ def _group(evals: Sequence[EvalResult]) -> dict[str, _Corpus]:
         return (CORPUS_ORDER.index(n) if n in CORPUS_ORDER else len(CORPUS_ORDER), n)
 
     return {k: corpora[k] for k in sorted(corpora, key=order)}
-
-
-def _conditions(c: _Corpus) -> list[Condition]:
-    return [k for k in CONDITION_ORDER if k in c.groups]
 
 
 def _analyse_contrast(c: _Corpus, con: Contrast, metric: str, n_boot: int, seed: int) -> dict[str, Any]:
@@ -302,10 +277,10 @@ def _find(contrasts: list[dict[str, Any]], cid: str, metric: str) -> dict[str, A
 
 
 def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plots: bool) -> dict[str, Any]:
-    conds = _conditions(c)
+    conds = [k for k in CONDITION_ORDER if k in c.groups]
     summary: dict[str, Any] = {}
     bars: dict[str, dict[str, MeanCI]] = {m: {} for m in METRIC_ORDER}
-    loss_curves, drift_curves, positions = {}, {}, {}
+    loss_curves, drift_curves = {}, {}
     for cond in conds:
         rs = c.groups[cond]
         label = c.labels[cond]
@@ -325,15 +300,6 @@ def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plot
         s["per_chunk_state_drift"] = drift
         if drift is not None:
             drift_curves[label] = drift
-        pps = [r.per_position for r in rs if r.per_position is not None]
-        if pps:
-            if all(p.bins == pps[0].bins for p in pps):
-                pos = PerPosition(list(pps[0].bins), [float(v) for v in np.mean([p.loss for p in pps], axis=0)])
-            else:
-                pos = pps[0]
-                c.notes.append(f"{label}: per-position bins differ across seeds; seed {rs[0].seed}'s are shown")
-            positions[label] = pos
-            s["per_position"] = pos
         summary[label] = s
 
     contrasts = [_analyse_contrast(c, con, m, n_boot, seed) for con in CONTRASTS for m in METRIC_ORDER]
@@ -358,26 +324,22 @@ def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plot
             # Differences from the baseline (A-reset: memory reset every chunk), or the first condition present.
             ref = A_RESET if A_RESET in c.groups else conds[0]
             diffs = {c.labels[k]: d for k in conds if k != ref
-                     and (d := paired_chunk_curve(c.groups[ref], c.groups[k], "loss")) is not None}
-            figures["loss_by_chunk"] = plots.plot_loss_by_chunk(
-                loss_curves, out_dir / f"loss_by_chunk_{slug}.png", title=f"Loss by chunk ({c.name} corpus)",
-                differences=diffs or None, reference=c.labels[ref]).name
+                     and (d := chunk_curve(c.groups[k], "loss", baseline=c.groups[ref])) is not None}
+            figures["loss_by_chunk"] = plots.plot_curves(
+                loss_curves, out_dir / f"loss_by_chunk_{slug}.png", f"Loss by chunk ({c.name} corpus)",
+                "per-token loss (nats)", differences=diffs or None, reference=c.labels[ref]).name
         if bars["recall_loss"]:
-            figures["recall_loss"] = plots.plot_recall_loss(
-                bars["recall_loss"], out_dir / f"recall_loss_{slug}.png",
-                title=f"Recall-target loss per arm ({c.name} corpus)", chance=chance).name
+            figures["recall_loss"] = plots.plot_metric_bars(
+                bars["recall_loss"], out_dir / f"recall_loss_{slug}.png", f"Recall-target loss per arm ({c.name} "
+                "corpus)", "mean recall-target loss per token (nats)", chance=chance).name
         if bars["later_chunk_loss"]:
             figures["later_chunk_loss"] = plots.plot_metric_bars(
                 bars["later_chunk_loss"], out_dir / f"later_chunk_loss_{slug}.png",
-                title=f"Later-chunk loss per arm ({c.name} corpus)", ylabel="per-token loss (nats), chunks >= 1").name
+                f"Later-chunk loss per arm ({c.name} corpus)", "per-token loss (nats), chunks >= 1").name
         if drift_curves:
-            figures["state_drift"] = plots.plot_state_drift(
-                drift_curves, out_dir / f"state_drift_{slug}.png",
-                title=f"TTT state drift across a file ({c.name} corpus)").name
-        if positions:
-            figures["per_position"] = plots.plot_per_position(
-                positions, out_dir / f"per_position_{slug}.png",
-                title=f"Loss by position within a chunk ({c.name} corpus)").name
+            figures["state_drift"] = plots.plot_curves(
+                drift_curves, out_dir / f"state_drift_{slug}.png", f"TTT state drift across a file ({c.name} corpus)",
+                "state drift at chunk end").name
         forest = {f"({e['id']}) {e['y_label']} vs {e['x_label']}, {e['metric'].replace('_', ' ')}": e["comparison"]
                   for e in contrasts if e["comparison"] is not None}
         if forest:
@@ -458,16 +420,14 @@ def contrast_row(e: dict[str, Any]) -> str:
     if c is None:
         return (f"| {tag} | {metric} | {e['x_label'] or e['x']} | {e['y_label'] or e['y']} | – | – | – | – | – | – | – "
                 f"| skipped: {e['skipped']} |")
-    diff = fmt_diff(c.mean_diff) + _ci(fmt_diff(c.diff_ci_low), fmt_diff(c.diff_ci_high))
-    rel = fmt_pct(c.rel_change) + _ci(fmt_pct(c.rel_ci_low), fmt_pct(c.rel_ci_high))
+    diff = _est(fmt_diff, c.mean_diff, c.diff_ci_low, c.diff_ci_high)
+    rel = _est(fmt_pct, c.rel_change, c.rel_ci_low, c.rel_ci_high)
     return (f"| {tag} | {metric} | {c.x_name} | {c.y_name} | {c.n} | {fmt_loss(c.mean_x)} | {fmt_loss(c.mean_y)} | "
             f"{diff} | {rel} | {fmt_p(c.wilcoxon_p)} | {fmt_p(c.ttest_p)} | {c.decision} |")
 
 
 def _ci_cell(ci: MeanCI) -> str:
-    if ci.mean is None:
-        return "n/a"
-    return fmt_loss(ci.mean) + _ci(fmt_loss(ci.low), fmt_loss(ci.high))
+    return "n/a" if ci.mean is None else _est(fmt_loss, ci.mean, ci.low, ci.high)
 
 
 def _corpus_md(name: str, res: dict[str, Any]) -> list[str]:
@@ -539,7 +499,7 @@ def _corpus_md(name: str, res: dict[str, Any]) -> list[str]:
         L += ["Notes:", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
     titles = {"contrasts": "Relative change per contrast", "loss_by_chunk": "Loss by chunk",
               "recall_loss": "Recall-target loss", "later_chunk_loss": "Later-chunk loss",
-              "state_drift": "TTT state drift", "per_position": "Loss by position within a chunk"}
+              "state_drift": "TTT state drift"}
     for key, fname in res["figures"].items():
         L += [f"![{titles.get(key, key)} ({name})]({fname})", ""]
     return L
@@ -575,8 +535,8 @@ def _conclusion(corpora: dict[str, dict[str, Any]], sanity: dict[str, Any] | Non
             L.append(f"{what}: not measured ({e['skipped'] if e else 'missing'}).")
         else:
             c = e["comparison"]
-            L.append(f"{what}: {c.verdict} (relative change {fmt_pct(c.rel_change)}"
-                     f"{_ci(fmt_pct(c.rel_ci_low), fmt_pct(c.rel_ci_high))}).")
+            rel = _est(fmt_pct, c.rel_change, c.rel_ci_low, c.rel_ci_high)
+            L.append(f"{what}: {c.verdict} (relative change {rel}).")
     other = "later_chunk_loss" if head["metric"] == "recall_loss" else None
     if other:
         e = _find(res["contrasts"], HEADLINE, other)
@@ -658,7 +618,7 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
                            "seed": r.seed, "corpus": r.corpus, "checkpoint": r.checkpoint, "data": r.data,
                            "chunk_frames": r.chunk_frames, "context": r.context, "n_files": len(r.files)}
                           for r in evals]}
-    (out_dir / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False) + "\n")
 
     L = ["# Persistent TTT memory: experiment report", ""]
     if overall.get("at_chance"):
@@ -685,7 +645,7 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
             L += [f"![Training curves]({train_fig})", ""]
     L += ["## Run facts", "", "| fact | value |", "|---|---|"]
     L += [f"| {k.replace('_', ' ')} | {_fact(k, v)} |" for k, v in facts.items()]
-    L += ["", "## Configuration", "", "```json", json.dumps(_clean(config), indent=1), "```", "",
+    L += ["", "## Configuration", "", "```json", json.dumps(_jsonable(config), indent=1), "```", "",
           "## Command", "", "```", command, "```", "",
           "## Inputs", "", "| label | seed | corpus | checkpoint | data | chunk frames | context | files |",
           "|---|---|---|---|---|---|---|---|"]

@@ -55,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if (hint := missing_data(cfg)) is not None:
         print(f"error: {hint}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, resume=args.resume, restart=getattr(args, "restart", False))
+    # The evaluation layer gives this command its periodic evaluation (eval/commands.py: training
+    # imports nothing from evaluation).
+    make_evaluator = getattr(args, "make_evaluator", None)
+    trainer = Trainer(cfg, resume=args.resume, restart=getattr(args, "restart", False),
+                      evaluator=make_evaluator(cfg) if make_evaluator is not None else None)
     try:
         summary = trainer.train()
     except TrainingStopped as e:

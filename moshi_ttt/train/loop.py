@@ -13,11 +13,11 @@ scheduler, sampler position, RNG states and the carried per-lane memory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,11 @@ from .config import ConfigError, TrainConfig, resume_changes
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .fsdp import FSDPState, resume_sharded_run, save_sharded_run
 from .logging import MetricsLogger
+
+#: The trainer's evaluation callback: ``(model, step) -> {metric: value}``, called on the main rank
+#: every ``eval_every`` steps with the training streams parked; its metrics are logged as ``eval/<k>``.
+#: The caller builds it (``moshi_ttt.eval.evaluate.periodic_evaluator``): training imports no evaluation.
+Evaluator = Callable[[nn.Module, int], Mapping[str, float]]
 
 
 class TrainingStopped(MoshiTTTError, RuntimeError):
@@ -144,8 +149,9 @@ class _ChunkStep(nn.Module):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, dist: DistInfo | None = None,
-                 restart: bool = False):
+                 restart: bool = False, evaluator: Evaluator | None = None):
         self.cfg = cfg
+        self.evaluator = evaluator
         self.device = resolve_device(cfg.device)
         self.dist = dist or init_distributed(self.device.type)
         self.run_dir = Path(cfg.run_dir)
@@ -163,11 +169,10 @@ class Trainer:
         self._check_layout(self.dataset, cfg.data.train)
         if len(self.dataset) == 0:
             raise DataError(str(cfg.data.train), "no usable file in the training dataset (see the messages above)")
-        # One global schedule over lanes x world; each rank takes its slice of lanes, so a run on
-        # N processes sees exactly the batches of one process with N times the lanes.
-        self.stream = ChunkStream(self.dataset, cfg.data.lanes * self.dist.world_size, cfg.data.chunk_frames,
-                                  seed=cfg.seed, mode=cfg.data.mode)
-        self.eval_dataset = EncodedDataset(cfg.data.eval) if cfg.data.eval else None
+        # One schedule over lanes x world; the stream gives each rank its lanes (and loads only their
+        # files), so a run on N processes sees exactly the batches of one process with N times the lanes.
+        self.stream = ChunkStream(self.dataset, cfg.data.lanes, cfg.data.chunk_frames, seed=cfg.seed,
+                                  mode=cfg.data.mode, rank=self.dist.rank, world_size=self.dist.world_size)
         self.step_module: nn.Module = _ChunkStep(self.model)
         if self.fsdp is not None:
             self.step_module = self.fsdp.shard_root(self.step_module)
@@ -212,19 +217,6 @@ class Trainer:
                               f"{self.model.num_codebooks} (1 text + n_q audio)")
 
     # ------------------------------------------------------------------ one step
-    def _rank_slice(self, batch: ChunkBatch) -> ChunkBatch:
-        if not self.dist.enabled:
-            return batch
-        lo = self.dist.rank * self.cfg.data.lanes
-        sl = slice(lo, lo + self.cfg.data.lanes)
-        kw = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-        for k, v in kw.items():
-            if isinstance(v, torch.Tensor):
-                kw[k] = v[sl]
-            elif isinstance(v, list):
-                kw[k] = v[sl]
-        return ChunkBatch(**kw)
-
     def train_step(self, batches: list[ChunkBatch] | ChunkBatch, probe: bool = False) -> dict[str, Any]:
         """One optimizer step over a training span of ``len(batches)`` consecutive chunks
         (``bptt_chunks``): the loss is the token mean over the span; with ``ttt.state_grad: full``
@@ -237,31 +229,29 @@ class Trainer:
         self.model.train()
         self.runner.cut()  # a new span: the carried state enters without the previous span's graph
         snap = snapshot_stream(self.model)  # all carried state: TTT memory, KV caches, delay tail
-        ws: WeightedSums | None = None
+        local = []  # per chunk: this rank's [text num, text den, audio num, audio den] (nums differentiable)
         frames = 0.0
         epoch = 0
         with recorded_calls(ttt_blocks(self.model) if probe else {}) as calls:  # forward only
             for batch in batches:
-                batch = self._rank_slice(batch).to(self.device)
+                batch = batch.to(self.device)
                 text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
                 w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
-                ws = w if ws is None else WeightedSums(ws.text_num + w.text_num, ws.text_den + w.text_den,
-                                                       ws.audio_num + w.audio_num, ws.audio_den + w.audio_den)
+                local.append(torch.stack([w.text_num, w.text_den, w.audio_num, w.audio_den]))
                 frames += float(batch.valid.sum()) * self.dist.world_size
                 epoch = batch.epoch
         self._probed = calls
-        assert ws is not None
-        dens = all_reduce_sum(torch.stack([ws.text_den, ws.audio_den]).detach().float(), self.dist)
-        terms = combine(ws, cfg.loss, dens[0].to(ws.text_num), dens[1].to(ws.audio_num))
+        sums = torch.stack(local).sum(0)                                            # [4]: the span's sums
+        glob = all_reduce_sum(sums.detach().float(), self.dist)                     # [4]: over all ranks
+        # The token mean over the global batch: this rank's numerators over the global denominators.
         # DDP averages gradients over ranks: scale so that the result is the global token mean.
-        (terms.total * self.dist.world_size).backward()
+        (combine(WeightedSums(*sums), cfg.loss, glob[1], glob[3]).total * self.dist.world_size).backward()
         if self.fsdp is not None:
             self.fsdp.sync_grads()
         clip = self.fsdp.clip_grad_norm_ if self.fsdp is not None else torch.nn.utils.clip_grad_norm_
         grad_norm = clip(self.params, cfg.optim.grad_clip)
-        sums = all_reduce_sum(torch.stack([ws.text_num.detach(), ws.audio_num.detach()]).float(), self.dist)
-        loss_value = (cfg.loss.text_weight * sums[0] / dens[0].clamp_min(1e-8)
-                      + cfg.loss.audio_weight * sums[1] / dens[1].clamp_min(1e-8))  # global, all ranks
+        reported = combine(WeightedSums(*glob), cfg.loss)                           # the global loss, every rank
+        loss_value = reported.total
         finite = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(grad_norm)) and self._carried_finite()
         lr = self.scheduler.get_last_lr()[0]
         if finite:
@@ -270,15 +260,15 @@ class Trainer:
         else:
             # Nothing non-finite is carried on or saved; lanes whose file started in the span start it.
             restore_stream(self.model, snap)
-            self.runner.reset(torch.stack([self._rank_slice(b).reset for b in batches]).any(0))
+            self.runner.reset(torch.stack([b.reset for b in batches]).any(0))
             self.nonfinite_in_row += 1
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        metrics = {"step": self.step, "loss": float(loss_value), "text_loss": float(sums[0] / dens[0].clamp_min(1e-8)),
-                   "audio_loss": float(sums[1] / dens[1].clamp_min(1e-8)), "grad_norm": float(grad_norm), "lr": lr,
+        metrics = {"step": self.step, "loss": float(loss_value), "text_loss": float(reported.text),
+                   "audio_loss": float(reported.audio), "grad_norm": float(grad_norm), "lr": lr,
                    "frames_per_s": frames / dt, "epoch": epoch, "skipped": not finite}
         if not finite:
             print(f"step {self.step}: non-finite loss or gradient (loss={float(loss_value)}, "
@@ -319,19 +309,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ eval
-    def run_eval(self) -> dict[str, Any] | None:
-        if self.eval_dataset is None or not self.dist.is_main or self.fsdp is not None:  # FSDP: see fsdp.py
+    def run_eval(self) -> dict[str, float] | None:
+        """The evaluator's metrics as ``eval/<k>`` (None without one; FSDP: see fsdp.py)."""
+        if self.evaluator is None or not self.dist.is_main or self.fsdp is not None:
             return None
-        from ..eval.evaluate import evaluate, summarize
-
         with _swap_streaming(self.model):
-            res = evaluate(self.model, self.eval_dataset, self.cfg.data.chunk_frames, lanes=self.cfg.data.lanes,
-                           mode="persistent" if self.cfg.ttt.persistent_states else "reset",
-                           max_files=self.cfg.data.eval_max_files)
-        summary = summarize(res)
-        (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "eval" / f"step_{self.step:07d}.json").write_text(json.dumps(res))
-        return {f"eval/{k}": v for k, v in summary.items() if v is not None}
+            metrics = self.evaluator(self.model, self.step)
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:

@@ -1,0 +1,268 @@
+"""The evaluation result: one typed record per (arm, evaluation mode), written by ``evaluate()``.
+
+The record owns its per-file reductions (later-chunk loss, recall-target loss, per-rung loss),
+which the statistics, plots and report read. JSON layout (``moshi-ttt-eval`` version 1)::
+
+    {"format": "moshi-ttt-eval", "version": 1, "arm": "B", "train_mode": "persistent",
+     "eval_mode": "persistent", "seed": 0, "checkpoint": "path", "data": "path",
+     "corpus": "long-memory", "chunk_frames": 64, "context": 32,
+     "files": [{"file_id": "f003", "num_frames": 256,
+                "chunks": [{"chunk_index": 0, "tokens": 190, "loss": 3.2, "text_loss": 3.1,
+                            "audio_loss": 3.3, "recall_tokens": 12, "recall_loss": 2.9,
+                            "state_drift": 0.05}, ...]}]}
+
+(De)serialised by :mod:`moshi_ttt.records` (pydantic). Validation is strict and names the bad
+value by its JSON path (``files[2].chunks[5].recall_loss``), so an evaluator bug is found where it is
+made, not as a NaN in a table. Unknown keys (newer evaluators; the ladder's ``rung{r}_loss`` /
+``rung{r}_tokens``) are kept in ``extra`` and written back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .. import records
+from ..errors import ConfigValueError
+from ..fileio import atomic_write_text
+
+FORMAT = "moshi-ttt-eval"
+Mode = Literal["persistent", "reset", "none"]
+Corpus = Literal["long-memory", "control", "kv", "kv-control", "real"]
+LOSS_DEFINITION = "per-token loss: cross-entropy in nats averaged over all text and audio tokens"
+RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
+
+
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # bool is an int in Python; a JSON true is never a count
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Count = Annotated[Int, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class SchemaError(ConfigValueError):
+    """An evaluation JSON is invalid; ``field`` is the JSON path of the bad value."""
+
+    def __init__(self, field_path: str, problem: str, source: str | None = None):
+        super().__init__(f"{source + ': ' if source else ''}{field_path}: {problem}")
+        self.field, self.problem, self.source = field_path, problem, source
+
+
+def _fail(loc: tuple[str | int, ...], value: Any, problem: str) -> ValidationError:
+    """A validation error at ``loc`` below the record being validated (pydantic prefixes the rest)."""
+    return ValidationError.from_exception_data("result", [InitErrorDetails(
+        type=PydanticCustomError("invalid", problem), loc=loc, input=value)])
+
+
+class _Open:
+    """Keys this record does not know go to ``extra`` on load and back to the top level on dump."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+    _OPTIONAL: tuple[str, ...] = ()  # written only when not None
+    extra: dict[str, Any]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_unknown(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return {**{k: v for k, v in data.items() if k in known},
+                "extra": {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in known}}}
+
+    @model_serializer(mode="wrap")
+    def _unfold(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        extra = out.pop("extra")
+        return {**{k: v for k, v in out.items() if v is not None or k not in self._OPTIONAL}, **extra}
+
+
+def _wmean(pairs: list[tuple[float | None, float]]) -> float | None:
+    """Token-weighted mean of ``(mean, tokens)`` pairs; pairs with no tokens enter no mean."""
+    pairs = [(v, n) for v, n in pairs if n and v is not None]
+    den = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / den if den else None
+
+
+@dataclass
+class ChunkResult(_Open):
+    """Losses of one chunk of one file: token means over the chunk's scored tokens (nats).
+
+    ``loss`` is None iff ``tokens == 0`` (0/0 enters no mean); ``recall_loss`` is None iff
+    ``recall_tokens == 0``; ``state_drift`` is the TTT fast weights' relative distance from their
+    learned initial value at the chunk's end (None without TTT).
+    """
+
+    chunk_index: Count
+    tokens: Count
+    loss: float | None
+    text_loss: float | None = None
+    audio_loss: float | None = None
+    recall_tokens: Count = 0
+    recall_loss: float | None = None
+    state_drift: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @field_validator("loss", "recall_loss")
+    @classmethod
+    def _null_iff_no_tokens(cls, v: float | None, info: ValidationInfo) -> float | None:
+        n = info.data.get("tokens" if info.field_name == "loss" else "recall_tokens", 0)
+        if (v is None) != (n == 0):  # a 0/0 written as 0.0, or a lost mean: an evaluator bug either way
+            raise ValueError(f"is null but {n} tokens" if v is None else "must be null when there are no tokens")
+        return v
+
+    def rung(self, r: int) -> tuple[float | None, int]:
+        """``(mean loss, tokens)`` of ladder rung ``r``'s recall targets in this chunk."""
+        n = int(self.extra.get(f"rung{r}_tokens", 0))
+        return (float(self.extra[f"rung{r}_loss"]) if n else None), n
+
+
+@dataclass
+class FileResult(_Open):
+    """All chunks of one evaluated file, ``chunk_index`` strictly increasing."""
+
+    file_id: Text
+    num_frames: Annotated[Int, Field(ge=1)]
+    chunks: Annotated[list[ChunkResult], Field(min_length=1)]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @field_validator("chunks")
+    @classmethod
+    def _increasing(cls, chunks: list[ChunkResult]) -> list[ChunkResult]:
+        # Later-chunk metrics select on chunk_index: duplicates or disorder would double count.
+        for i in range(1, len(chunks)):
+            if chunks[i].chunk_index <= chunks[i - 1].chunk_index:
+                raise _fail((i, "chunk_index"), chunks[i].chunk_index, "chunk indices must be strictly increasing")
+        return chunks
+
+    # ---- per-file reductions: token-weighted means over the file's chunks -------------------
+    def later_chunk_loss(self) -> float | None:
+        """Loss over chunks ``>= 1`` (chunk 0 starts from the learned initial weights in every mode)."""
+        return _wmean([(c.loss, c.tokens) for c in self.chunks if c.chunk_index >= 1])
+
+    def recall_loss(self) -> float | None:
+        """Recall-target loss over every chunk (None when the file has no recall target)."""
+        return _wmean([(c.recall_loss, c.recall_tokens) for c in self.chunks])
+
+    def rung_loss(self, r: int) -> float | None:
+        """Recall loss of the ladder's rung ``r`` (None when the file has none)."""
+        return _wmean([c.rung(r) for c in self.chunks])
+
+    def metric(self, name: str) -> float | None:
+        """A reduction by name: ``later_chunk_loss``, ``recall_loss``, ``rung{r}_loss``, ``loss``..."""
+        if name.startswith("rung") and name.endswith("_loss"):
+            return self.rung_loss(int(name[4:-5]))
+        return getattr(self, name)()
+
+
+@dataclass
+class EvalResult(_Open):
+    """One evaluation: one arm's trained weights under one memory mode on one corpus.
+
+    arm: "A" (TTT trained with resets), "B" (TTT trained persistent), "C" (no TTT) by convention;
+    train_mode / eval_mode: how the TTT state was handled in training / here ("none": no TTT, for
+    both or neither); corpus: the corpus kind; chunk_frames, context: frames of a chunk and of
+    the attention window; recall_chance_nats: token-weighted loss of a uniform guess on the recall
+    targets (synthetic corpora); corpus_name: the corpus's name in an experiment.
+    """
+
+    arm: Text
+    train_mode: Mode
+    eval_mode: Mode
+    seed: Int
+    checkpoint: Text
+    data: Text
+    corpus: Corpus
+    chunk_frames: Annotated[Int, Field(ge=1)]
+    context: Annotated[Int, Field(ge=1)]
+    files: Annotated[list[FileResult], Field(min_length=1)]
+    recall_chance_nats: float | None = None
+    corpus_name: str | None = None
+    loss_definition: str | None = None
+    format: Literal["moshi-ttt-eval"] = FORMAT
+    version: Literal[1] = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+    _OPTIONAL = ("recall_chance_nats", "corpus_name", "loss_definition")
+
+    @field_validator("eval_mode")
+    @classmethod
+    def _none_for_both(cls, v: str, info: ValidationInfo) -> str:
+        if (v == "none") != (info.data.get("train_mode") == "none"):
+            raise ValueError(f"is {v!r} but train_mode is {info.data.get('train_mode')!r}: 'none' (no TTT) "
+                             "must be used for both or neither")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _unique(cls, files: list[FileResult]) -> list[FileResult]:
+        seen: dict[str, int] = {}
+        for i, f in enumerate(files):
+            if f.file_id in seen:
+                raise _fail((i, "file_id"), f.file_id, f"duplicate file id (also files[{seen[f.file_id]}])")
+            seen[f.file_id] = i
+        return files
+
+    @property
+    def condition(self) -> tuple[str, str]:
+        """``(train_mode, eval_mode)``: what the report's contrasts are defined on."""
+        return (self.train_mode, self.eval_mode)
+
+    @property
+    def label(self) -> str:
+        """Display name: ``"B-persistent"``, ``"A-reset"``; just the arm for the no-TTT arm."""
+        return self.arm if self.eval_mode == "none" else f"{self.arm}-{self.eval_mode}"
+
+    def file_metric(self, name: str) -> dict[str, float | None]:
+        """``{file_id: value}`` of one per-file reduction (see :meth:`FileResult.metric`)."""
+        return {f.file_id: f.metric(name) for f in self.files}
+
+    def summary(self) -> dict[str, float | None]:
+        """Token-weighted means over all files: loss, loss of chunks >= 1 and of chunk 0, recall loss."""
+        chunks = [c for f in self.files for c in f.chunks]
+        return {"loss": _wmean([(c.loss, c.tokens) for c in chunks]),
+                "loss_later_chunks": _wmean([(c.loss, c.tokens) for c in chunks if c.chunk_index >= 1]),
+                "loss_first_chunk": _wmean([(c.loss, c.tokens) for c in chunks if c.chunk_index == 0]),
+                "recall_loss": _wmean([(c.recall_loss, c.recall_tokens) for c in chunks])}
+
+    # ---- JSON -------------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str, source: str | None = None) -> EvalResult:
+        """Validate a parsed JSON object (or a JSON string); raises :class:`SchemaError`."""
+        try:
+            return records.load(cls, json.loads(data) if isinstance(data, str) else data)
+        except ConfigValueError as e:  # "path: problem; ..." from records: the first one, as a SchemaError
+            path, _, problem = str(e).split("; ")[0].partition(": ")
+            raise SchemaError(path, problem, source) from None
+        except json.JSONDecodeError as e:
+            raise SchemaError("<root>", f"not valid JSON ({e})", source) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return records.dump(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        """Read and validate a file; errors name the file and the field."""
+        return cls.from_json(Path(path).read_text(), source=str(path))
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: the experiment skips evaluations whose file exists, so none is ever partial."""
+        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+        return Path(path)
