@@ -192,18 +192,10 @@ class ChunkedLM:
         """[B, K, L] the last raw frames of each lane (the streaming state's delay tail)."""
         return self._root.tail
 
-    @tail.setter
-    def tail(self, value: torch.Tensor) -> None:
-        self._root.tail = value
-
     @property
     def before(self) -> torch.Tensor:
         """[B, L] True where a tail frame precedes the lane's file."""
         return self._root.before
-
-    @before.setter
-    def before(self, value: torch.Tensor) -> None:
-        self._root.before = value
 
     # ------------------------------------------------------------------ step
     def reset(self, mask: torch.Tensor) -> None:

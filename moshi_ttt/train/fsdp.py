@@ -235,8 +235,7 @@ def save_sharded_run(trainer) -> object:
     staging.mkdir(parents=True, exist_ok=True)
     stream_path, rank_path = _rank_files(staging, info.rank)
     save_stream(trainer.model, stream_path)
-    torch.save({"rng": rng_state(), "tail": trainer.runner.tail.cpu(), "before": trainer.runner.before.cpu()},
-               rank_path)
+    torch.save({"rng": rng_state()}, rank_path)  # the delay tail is in the stream file, as every carried state
     dist.barrier()
     out = None
     if info.is_main:
@@ -282,10 +281,10 @@ def resume_sharded_run(trainer, ck) -> None:
     trainer.scheduler.load_state_dict(st["scheduler"])
     trainer.stream.load_state_dict(st["stream"])
     stream_path, rank_path = _rank_files(ck, fs.info.rank)
-    load_stream(trainer.model, stream_path)
     rk = torch.load(rank_path, map_location="cpu", weights_only=False)
-    trainer.runner.tail = rk["tail"].to(trainer.device)
-    trainer.runner.before = rk["before"].to(trainer.device)
+    # Rank files written before the delay tail was part of the stream state keep it there.
+    legacy = {":tail": rk["tail"], ":before": rk["before"]} if "tail" in rk else None
+    load_stream(trainer.model, stream_path, fill=legacy)
     set_rng_state(rk["rng"])
     trainer.step, trainer.nonfinite_in_row, trainer.skipped = st["step"], st["nonfinite_in_row"], st["skipped"]
     trainer.logger.truncate_after(trainer.step)
