@@ -30,6 +30,23 @@ def test_defaults_fit_the_memory_preset():
         LadderConfig(rung1_max_gap=7)
 
 
+def test_rung1_share_adds_reads_within_reach_and_keeps_the_others():
+    def counts(share):
+        cfg = LadderConfig(num_files=8, rung1_share=share)
+        tot = {1: 0, 2: 0, 3: 0}
+        for i in range(cfg.num_files):
+            for r, n in generate_ladder_file(cfg, i).rung_counts().items():
+                if r:
+                    tot[r] += n
+        return tot
+
+    one, three = counts(1.0), counts(3.0)
+    assert one[1] == one[2] > 0 and one[3] > 0                     # equal quotas by default
+    assert three[1] >= 2.5 * one[1] and three[2] == one[2] and three[3] >= 0.9 * one[3]
+    with pytest.raises(ValueError, match="rung1_share"):
+        LadderConfig(rung1_share=0)
+
+
 def test_delayed_domain_puts_key_and_value_in_one_input_frame():
     """Through moshi_ttt.model.chunked's own indexing (what training sees), chunk by chunk: the read
     position of each row sees the key, and the value only at the next position, with the key."""
@@ -62,18 +79,21 @@ def test_delayed_domain_puts_key_and_value_in_one_input_frame():
             assert int(seq_tgt[k, read]) == int(value[k])  # the read position predicts the value...
             assert int(seq_in[CFG.key_row, read]) == key  # ...with the key in view
             assert int(seq_in[k, read]) == int(f.codes[k, t])  # frame t, the value (t + 1) not yet in
-            assert int(seq_in[CFG.key_row, write]) == key and int(seq_in[k, write]) == int(value[k])
+            if write < CFG.num_frames:  # (an occurrence in the file's last slot is read, never written)
+                assert int(seq_in[CFG.key_row, write]) == key and int(seq_in[k, write]) == int(value[k])
             n_checked += 1
     assert n_checked == 3 * len(f.occurrences) > 100
 
 
 def test_rungs_are_balanced_and_dense():
     for i in range(4):
-        f = generate_ladder_file(CFG, i)
+        f = generate_ladder_file(LadderConfig(num_files=4, rung1_share=1.0), i)
         c = f.rung_counts()
         assert min(c[1], c[2], c[3]) >= 12 and max(c[1], c[2], c[3]) <= 1.25 * min(c[1], c[2], c[3]), c
         assert torch.equal(f.recall_mask, f.recall_rung > 0)
         assert int(f.recall_mask.sum()) >= CFG.num_frames // 8  # a measured read every <= 8 frames
+        d = generate_ladder_file(CFG, i).rung_counts()          # the default: rung 1 dense, 2-3 kept
+        assert d[1] >= 4 * d[2] and d[2] >= 12 and d[3] >= 4, d
 
 
 def test_control_changes_only_values():

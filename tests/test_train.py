@@ -81,6 +81,31 @@ def test_memory_resets_exactly_at_file_starts(corpus, tmp_path, persistent):
     tr.close()
 
 
+def test_memory_dropout_resets_only_the_memory_of_some_lanes(corpus, tmp_path):
+    """``memory_dropout``: some lanes' fast weights restart mid-file (their token count restarts),
+    attention and the rest of the stream are not reset (moshi's reset only at file starts)."""
+    cfg = make_cfg(corpus, tmp_path / "run", "memory_dropout=0.5")
+    tr = Trainer(cfg)
+    resets = []
+    orig = tr.model.reset_streaming
+    tr.model.reset_streaming = lambda mask=None: (resets.append(mask.clone()), orig(mask))[1]
+    since = torch.zeros(cfg.data.lanes, dtype=torch.long)      # frames since the memory's last reset
+    dropped = 0
+    for _, batch in zip(range(12), iter(tr.stream)):
+        n = len(resets)
+        tr.train_step(batch)
+        assert len(resets) == n + int(bool(batch.reset.any()))  # moshi's reset: file starts only
+        since = torch.where(batch.reset, 0, since) + cfg.data.chunk_frames
+        pos = ttt_blocks(tr.model)[1]._streaming_state.memory.pos
+        act = batch.active
+        restarted = act & ~batch.reset & (pos == cfg.data.chunk_frames) & (since > cfg.data.chunk_frames)
+        assert torch.equal(pos[act & ~restarted], since[act & ~restarted])  # kept: counts on
+        since = torch.where(restarted, cfg.data.chunk_frames, since)
+        dropped += int(restarted.sum())
+    assert 3 <= dropped <= 27, dropped                          # about half of the mid-file chunks
+    tr.close()
+
+
 def test_forward_writes_no_parameter_and_every_chunk_reaches_initial_weights(corpus, tmp_path):
     for mode in ("delta", "detach"):
         cfg = make_cfg(corpus, tmp_path / mode, f"ttt.state_grad={mode}")
@@ -114,7 +139,7 @@ def test_kill_9_and_resume_equals_uninterrupted(corpus, tmp_path):
     base = ["-m", "moshi_ttt.train", "--quiet", "--set", f"data.train={corpus / 'train'}",
             "--set", f"data.eval={corpus / 'eval'}", "--set", "data.chunk_frames=32", "--set", "data.lanes=3",
             "--set", "steps=20", "--set", "log_every=1", "--set", "eval_every=1000", "--set", "ckpt_every=3",
-            "--set", "ttt.layers=[1,2]", "--set", "optim.warmup_steps=2"]
+            "--set", "ttt.layers=[1,2]", "--set", "optim.warmup_steps=2", "--set", "memory_dropout=0.3"]
     env = {**os.environ, "NO_TORCH_COMPILE": "1"}
     ref = tmp_path / "ref"
     subprocess.run([sys.executable, *base, "--set", f"run_dir={ref}"], check=True, env=env, capture_output=True)

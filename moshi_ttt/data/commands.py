@@ -154,6 +154,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("--num-frames", type=int, default=None, help="file length in frames (overrides --num-spans)")
     kv.add_argument("--background", choices=["zero", "voice"], default="zero",
                     help="filler between occurrences: zero entropy or a file-specific voice (default: %(default)s)")
+    kv.add_argument("--rung1-share", type=float, default=None,
+                    help="rung 1's quota of reads relative to rungs 2 and 3 (default: the LadderConfig's)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=run_synth)
 
@@ -273,6 +275,8 @@ def _run_synth_kv(args: argparse.Namespace, kw: dict) -> int:
                  "num_keys": args.num_keys, "chunk_frames": args.chunk_frames, "span_chunks": args.span_chunks,
                  "num_spans": args.num_spans, "num_frames": args.num_frames, "background": args.background,
                  "voice_size": args.voice_size, "control": args.control}
+    if args.rung1_share is not None:
+        overrides["rung1_share"] = args.rung1_share
     from .dataset import EncodedDataset
 
     def describe(cfg: LadderConfig) -> str:

@@ -95,6 +95,20 @@ def set_memory_schedule(blocks: dict[int, TTTBlock], reset_every: int | None) ->
         block._streaming_state.reset_every = reset_every
 
 
+def reset_memory(blocks: dict[int, TTTBlock], mask: torch.Tensor) -> None:
+    """Reset the fast weights of the samples in ``mask`` [B] bool to the learned initial weights,
+    keeping everything else (attention caches, the convolution's input tail, moshi's exec mask):
+    what a periodic reset of ``reset_every`` does, at a moment the caller chooses (training's
+    ``memory_dropout``). Under autograd the fresh memory keeps its graph to the initial weights."""
+    for block in blocks.values():
+        st = block._streaming_state
+        if st is None or st.memory is None:
+            raise RuntimeError("reset_memory: the model is not streaming")
+        fresh = fresh_state(st.initial, st.memory)
+        fresh.conv = st.memory.conv
+        st.store(select_state(mask, fresh, st.memory))
+
+
 @dataclass
 class BlockCall:
     """One streaming call of a TTT block, detached: its input x [B, T, d_model] (before the

@@ -93,6 +93,12 @@ class TrainConfig:
     # checkpointing): a span keeps one copy of the streaming state per chunk instead of its
     # activations. Same gradients; about one more forward per step.
     recompute_chunks: bool = False
+    # Probability that a lane's TTT memory is reset to the learned initial weights at a chunk
+    # boundary inside a file (persistent memory only; attention caches are kept). A model trained
+    # with its memory always kept meets a fresh memory mid-file only when evaluated with resets,
+    # and is then confidently wrong (measured: 30% above chance on the ladder's control); a few
+    # resets in training make that condition familiar, so "memory reset" is a fair baseline.
+    memory_dropout: float = 0.0
     log_every: int = 10
     eval_every: int = 100
     ckpt_every: int = 100
@@ -121,6 +127,7 @@ class TrainConfig:
             ("optim.lr", o.lr, 0.0, inf, False, False),
             ("optim.grad_clip", o.grad_clip, 0.0, inf, False, False),
             ("optim.weight_decay", o.weight_decay, 0.0, inf, True, False),
+            ("memory_dropout", self.memory_dropout, 0.0, 1.0, True, False),
             ("optim.beta1", o.beta1, 0.0, 1.0, True, False),
             ("optim.beta2", o.beta2, 0.0, 1.0, True, False),
             ("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, True, True),

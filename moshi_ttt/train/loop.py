@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,7 +33,7 @@ from ..errors import EXIT_STOPPED, MoshiTTTError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..model.build import build_lm, tiny_lm_kwargs, ttt_blocks
 from ..model.chunked import ChunkedLM
-from ..model.hybrid import BlockCall, recorded_calls
+from ..model.hybrid import BlockCall, recorded_calls, reset_memory
 from ..model.loss import TokenLosses, WeightedSums, combine, weighted_sums
 from ..model.memory import load_stream, restore_stream, save_stream, snapshot_stream, stream_finite, stream_nbytes
 from ..model.weights import adapter_keys, apply_lora, load_lm, save_ttt_checkpoint, trainable_names
@@ -233,8 +234,10 @@ class Trainer:
         frames = 0.0
         epoch = 0
         with recorded_calls(ttt_blocks(self.model) if probe else {}) as calls:  # forward only
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 batch = batch.to(self.device)
+                if cfg.memory_dropout > 0 and cfg.ttt.persistent_states and self.runner.reset_every is None:
+                    reset_memory(ttt_blocks(self.model), self._memory_dropout_mask(i))
                 text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
                 w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
                 local.append(torch.stack([w.text_num, w.text_den, w.audio_num, w.audio_den]))
@@ -280,6 +283,14 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ carried state
+    def _memory_dropout_mask(self, chunk: int) -> torch.Tensor:
+        """[lanes] bool: this rank's lanes whose memory ``memory_dropout`` resets before chunk
+        ``chunk`` of this step. A function of (seed, step, chunk) alone, drawn over the global
+        lanes: resuming, or running on more processes, draws the same resets."""
+        n, r = self.cfg.data.lanes, self.dist.rank
+        u = np.random.default_rng([0x6D656D, self.cfg.seed, self.step, chunk]).random(n * self.dist.world_size)
+        return torch.from_numpy(u[r * n:(r + 1) * n] < self.cfg.memory_dropout).to(self.device)
+
     def _carried_finite(self) -> bool:
         ok = torch.tensor(float(stream_finite(self.model)), device=self.device)
         return bool(all_reduce_sum(ok, self.dist) == self.dist.world_size) if self.dist.enabled else bool(ok)
