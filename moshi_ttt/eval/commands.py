@@ -8,20 +8,13 @@ from pathlib import Path
 HELP = """Evaluate a trained checkpoint on held-out files, chunk after chunk, in either memory mode.
 
 Reports per file and chunk the per-token loss (cross-entropy in nats averaged over all text and audio
-tokens; training logs a different number, the text loss plus the audio loss), text and audio
-separately, the loss on beyond-window recall targets (synthetic corpus) with its chance level, and the
-TTT state drift; --mode both runs the memory kept across the file ('persistent') and reset every
-chunk ('reset'), whatever the model was trained with.
-
-Output: one JSON per mode, eval_<mode>.json, beside the run by default:
-RUN/eval/<checkpoint>-<data folder>/ (or --out DIR).
+tokens; training logs the text loss plus the audio loss instead), text and audio separately, the loss on
+beyond-window recall targets (synthetic corpus) with its chance level, and the TTT state drift; --mode
+both runs the memory kept across the file ('persistent') and reset every chunk ('reset'), whatever the
+model was trained with. Output: eval_<mode>.json in RUN/eval/<checkpoint>-<data folder>/ (or --out DIR).
 
 Example:
     moshi-ttt eval runs/tiny_cpu --data data/synth/eval"""
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def default_out(checkpoint: Path, data: str | Path) -> Path:
@@ -45,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.report import DataError
     from ..train.loop import load_trained
     from .evaluate import corpus_kind, evaluate
+    from .report import fmt_loss
 
     check_args(args)
     model, cfg, ck = load_trained(args.checkpoint, device=args.device)
@@ -60,19 +54,20 @@ def run(args: argparse.Namespace) -> int:
     train_mode = "persistent" if cfg.ttt.persistent_states else "reset"
     if not model.ttt_layers:
         modes, train_mode = ["none"], "none"
-    corpus = args.corpus or corpus_kind(ds)
+    corpus = corpus_kind(ds)
     out = Path(args.out) if args.out else default_out(Path(ck), args.data)
     print(f"evaluating {ck} on {args.data} ({corpus} corpus, {len(ds.files)} files, chunks of {chunk} frames)")
     for mode in modes:
         res = evaluate(model, ds, chunk, lanes=args.lanes, mode=mode, max_files=args.max_files,
-                       progress=not args.quiet, arm=args.arm, train_mode=train_mode, seed=cfg.seed,
+                       progress=not args.quiet, arm={"reset": "A", "persistent": "B"}.get(train_mode, "C"),
+                       train_mode=train_mode, seed=cfg.seed,
                        checkpoint=str(ck), data=str(args.data), corpus=corpus)
         path = res.save(out / f"eval_{mode}.json")
         s, chance = res.summary(), res.recall_chance_nats
-        recall = f"recall-target loss {_fmt(s['recall_loss'])}" + (
-            f" (chance {chance:.4f})" if chance is not None else "") if s["recall_loss"] is not None else ""
-        print(f"memory {mode:10s} per-token loss {_fmt(s['loss'])} (chunks >= 1: {_fmt(s['loss_later_chunks'])})"
-              + (f", {recall}" if recall else "") + f" -> {path}")
+        recall = "" if s["recall_loss"] is None else f", recall-target loss {fmt_loss(s['recall_loss'])}" + (
+            f" (chance {chance:.4f})" if chance is not None else "")
+        print(f"memory {mode:10s} per-token loss {fmt_loss(s['loss'])} (chunks >= 1: "
+              f"{fmt_loss(s['loss_later_chunks'])}){recall} -> {path}")
     return 0
 
 
@@ -89,11 +84,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-files", type=int, default=None, help="evaluate only the first N files (default: all)")
     p.add_argument("--out", default=None,
                    help="output folder for eval_<mode>.json (default: RUN/eval/<checkpoint>-<data folder>)")
-    p.add_argument("--arm", default="B", help="arm label written into the JSON for the experiment report "
-                   "(A: trained with resets, B: trained persistent, C: no TTT; default B)")
-    p.add_argument("--corpus", default=None, choices=["long-memory", "control", "real"],
-                   help="corpus label written into the JSON (default: read from the dataset: synthetic "
-                   "long-memory or control, else real)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: the training device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
