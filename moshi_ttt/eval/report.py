@@ -270,24 +270,20 @@ def _corpus_md(name: str, res: dict[str, Any]) -> list[str]:
     head, ch, conds = res["headline"], res["chance"], res["conditions"]
     L = [f"## Corpus: {name}", "", f"**Decision (contrast ({head['contrast']}), {METRICS[head['metric']]}):** "
          f"{head['verdict']}", ""]
-    if ch["recall_loss"] is not None:
-        L += [f"Chance level of the recall-target loss: {fmt_loss(ch['recall_loss'])} nats per token (a uniform guess; "
-              "no model without a working memory can do better). An arm counts as having learned the recall targets "
-              f"only if its 95% CI lies more than {ch['margin']:.0%} below it."
-              + (" **No arm did.**" if ch["statement"] else ""), ""]
-    elif any(s["recall_loss"].mean is not None for s in conds.values()):
-        L += ["Chance level of the recall-target loss: unknown (not recorded in the evaluation files).", ""]
+    if any(s["recall_loss"].mean is not None for s in conds.values()):
+        L += ["Chance level of the recall-target loss: " + ("unknown (not recorded in the evaluation files)." if
+              ch["recall_loss"] is None else f"{fmt_loss(ch['recall_loss'])} nats per token (a uniform guess, the best "
+              "a model without a working memory can do). An arm has learned the recall targets only if its 95% CI lies "
+              f"more than {ch['margin']:.0%} below it.")
+              + (" **No arm did: the recall-target rows below are descriptive only.**" if ch["statement"] else ""), ""]
     L += ["### Conditions", ""] + _table(
         ["condition", "role", "train mode", "eval mode", "training seeds", "files", "later-chunk loss [95% CI]",
          "recall-target loss [95% CI]"],
         [[k, s["role"], s["train_mode"], s["eval_mode"], ", ".join(map(str, s["seeds"])), s["n_files"],
           *(_est(fmt_loss, s[m].mean, s[m].low, s[m].high) for m in METRICS)] for k, s in conds.items()])
     L += ["### Contrasts", "", "Questions: " + "; ".join(f"({con.id}) {con.question}" for con in CONTRASTS) + ". "
-          "Differences are Y − X over files paired by id; relative change = (mean Y − mean X) / mean X, negative = Y "
-          "has the lower (better) loss; CIs: paired bootstrap over files (95%); decision: the decision rule, which "
-          "decides only for (ii) on the primary metric."
-          + (" Every arm is at chance on the recall targets: those rows are descriptive only." * bool(ch["statement"])),
-          ""]
+          "Differences are Y − X over files paired by id, relative change (mean Y − mean X) / mean X (negative: Y has "
+          "the lower loss), CIs by paired bootstrap over files.", ""]
     L += _table(["contrast", "metric", "X", "Y", "n", "mean X", "mean Y", "diff Y−X [95% CI]", "rel. change [95% CI]",
                  "Wilcoxon p", "t-test p", "decision"], map(_contrast_row, res["contrasts"]))
     notes = res["notes"] + [f"({e.id}) {e.metric}: {n}" for e in res["contrasts"] if e.comparison
@@ -305,28 +301,22 @@ def _conclusion(corpora: dict[str, dict[str, Any]], sanity: dict[str, Any] | Non
     if deciding is None:
         return ["## Conclusion", "", "No long-memory, real or control corpus evaluated.", ""], {
             "corpus": None, "decision": None, "verdict": "no results"}
-    res = corpora[deciding]
-    head, metric = res["headline"], res["headline"]["metric"]
-    descriptive = head["at_chance"] and metric == "recall_loss"
+    head = corpora[deciding]["headline"]
+    descriptive = head["at_chance"] and head["metric"] == "recall_loss"
     L = ["## Conclusion", "", f"**Verdict: {head['verdict']}.**", "", (
-        f"On the {deciding} corpus no arm's {METRICS[metric]} is credibly below its chance level "
-        f"({fmt_loss(res['chance']['recall_loss'])} nats; at or above it counts as chance): no model learned to "
-        "recall, so differences between arms measure how each one misses, not memory. The comparisons below are "
-        "descriptive only; train longer, with more files or real weights, until at least one arm is below chance."
-        if descriptive else f"This is the decision rule applied on the {deciding} corpus to the main comparison "
-        "(contrast (ii): memory carried across chunks in training and evaluation vs reset every chunk in both), on "
-        f"the {METRICS[metric]}.")]
-    if deciding == "control":
-        L.append("(Only the control corpus was evaluated: it cannot show a memory effect by construction, so this is "
-                 "not evidence about memory.)")
-    if sanity is not None:
-        L.append(("Descriptive only: " if descriptive else "") + sanity["statement"])
+        "No model learned to recall, so differences between arms measure how each one misses, not memory: what "
+        "follows is descriptive only; train longer, with more files or real weights, until some arm is below chance."
+        if descriptive else f"The decision rule on the {deciding} corpus, contrast (ii) (memory carried across chunks "
+        f"in training and evaluation vs reset every chunk in both), on the {METRICS[head['metric']]}.")
+        + (" Only the control corpus was evaluated: it cannot show a memory effect by construction." * (
+            deciding == "control"))]
+    L += [("Descriptive only: " if descriptive else "") + sanity["statement"]] if sanity else []
     L += ["", f"Decision rule: persistent memory is kept only if the persistent arm has the lower loss with a "
           f"two-sided Wilcoxon signed-rank p < {stats.ALPHA:g} and by more than {stats.MIN_REL_IMPROVEMENT:.0%} "
-          "relative (mean over files); otherwise the simpler arm (memory reset every chunk) is kept. Only the headline "
-          "test decides, and only when some arm is below chance on the recall targets; the other p-values are "
-          "descriptive and not corrected for multiple comparisons.", ""]
-    return L, {"corpus": deciding, "contrast": HEADLINE, "metric": metric, "decision": head["decision"],
+          "relative (mean over files); otherwise the simpler arm is kept. Only the headline contrast (ii) decides, and "
+          "only when some arm is below chance on the recall targets; the other p-values are descriptive (no "
+          "multiple-comparison correction).", ""]
+    return L, {"corpus": deciding, "contrast": HEADLINE, "metric": head["metric"], "decision": head["decision"],
                "verdict": head["verdict"], "at_chance": head["at_chance"]}
 
 

@@ -1,20 +1,20 @@
 """The evaluation result: one typed record per (arm, evaluation mode), written by ``evaluate()``.
 
 JSON ``moshi-ttt-eval`` version 1: the fields of :class:`EvalResult`, per file those of :class:`FileResult`,
-per chunk those of :class:`ChunkResult`. (De)serialised by :mod:`moshi_ttt.records` (pydantic), strictly:
-an error names the bad value by its JSON path (``files[2].chunks[5].recall_loss``), so an evaluator bug is
-found where it is made. Unknown keys (newer evaluators; the ladder's ``rung{r}_loss`` / ``rung{r}_tokens``)
-are kept in ``extra`` and written back. The record owns the per-file reductions the statistics read.
+per chunk those of :class:`ChunkResult`. (De)serialised by :mod:`moshi_ttt.records` (pydantic), strictly: an
+error names the bad value by its JSON path (``files[2].chunks[5].recall_loss``), so an evaluator bug is found
+where it is made. Unknown keys (newer evaluators; the ladder's ``rung{r}_loss`` / ``rung{r}_tokens``) are kept
+as attributes and written back. The record owns the per-file reductions the statistics read.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from .. import records
@@ -24,7 +24,6 @@ from ..fileio import atomic_write_text
 Mode = Literal["persistent", "reset", "none"]
 Corpus = Literal["long-memory", "control", "kv", "kv-control", "real"]
 LOSS_DEFINITION = "per-token loss: cross-entropy in nats averaged over all text and audio tokens"
-RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
 Count = Annotated[int, Field(ge=0)]  # records.load validates in strict JSON mode: a JSON true is no integer
 Positive = Annotated[int, Field(ge=1)]
 Text = Annotated[str, Field(min_length=1)]
@@ -45,27 +44,16 @@ def _fail(loc: tuple[str | int, ...], value: Any, problem: str) -> ValidationErr
 
 
 class _Open:
-    """Keys this record does not know go to ``extra`` on load and back to the top level on dump
-    (``_OPTIONAL`` fields only when not None)."""
+    """Unknown keys are kept (as attributes) and written back; ``_OPTIONAL`` fields only when not None."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+    __pydantic_config__ = ConfigDict(extra="allow", allow_inf_nan=False)
     _OPTIONAL: tuple[str, ...] = ()
-    extra: dict[str, Any]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fold_unknown(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return {**{k: v for k, v in data.items() if k in known},
-                "extra": {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in known}}}
 
     @model_serializer(mode="wrap")
-    def _unfold(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        extra = out.pop("extra")
-        return {**{k: v for k, v in out.items() if v is not None or k not in self._OPTIONAL}, **extra}
+    def _with_extra(self, handler: Any) -> dict[str, Any]:
+        known = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        return {**{k: v for k, v in handler(self).items() if v is not None or k not in self._OPTIONAL},
+                **{k: v for k, v in vars(self).items() if k not in known}}
 
 
 def _wmean(pairs: list[tuple[float | None, float]]) -> float | None:
@@ -87,7 +75,6 @@ class ChunkResult(_Open):
     recall_tokens: Count = 0
     recall_loss: float | None = None
     state_drift: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @field_validator("loss", "recall_loss")
     @classmethod
@@ -105,7 +92,6 @@ class FileResult(_Open):
     file_id: Text
     num_frames: Positive
     chunks: Annotated[list[ChunkResult], Field(min_length=1)]
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @field_validator("chunks")
     @classmethod
@@ -128,7 +114,7 @@ class FileResult(_Open):
         """A reduction by name: ``later_chunk_loss``, ``recall_loss`` or ``rung{r}_loss`` (ladder rung ``r``)."""
         if not (name.startswith("rung") and name.endswith("_loss")):
             return getattr(self, name)()
-        return _wmean([(c.extra.get(name), c.extra.get(f"{name[:-5]}_tokens", 0)) for c in self.chunks])
+        return _wmean([(getattr(c, name, None), getattr(c, f"{name[:-5]}_tokens", 0)) for c in self.chunks])
 
 
 @dataclass
@@ -153,7 +139,6 @@ class EvalResult(_Open):
     loss_definition: str | None = None
     format: Literal["moshi-ttt-eval"] = "moshi-ttt-eval"
     version: Literal[1] = 1
-    extra: dict[str, Any] = field(default_factory=dict)
     _OPTIONAL = ("recall_chance_nats", "corpus_name", "loss_definition")
 
     @field_validator("eval_mode")

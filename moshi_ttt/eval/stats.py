@@ -168,28 +168,22 @@ def _tests(d: np.ndarray, notes: list[str]) -> list[float | None]:
 
 def decide(rel_change: float | None, median_diff: float, p: float | None, x_name: str, y_name: str,
            subject: str = "persistence") -> tuple[Decision, str]:
-    """The decision rule on one comparison of losses: ``(decision, verdict)``; the verdict starts with "keep
-    {subject}", "no significant difference", "no consistent difference", "improvement below threshold" or
-    "{subject} hurts"."""
-    simpler = f"by the decision rule keep the simpler {x_name}"
+    """The decision rule on one comparison of losses: ``(decision, verdict)``, a sentence that starts with the
+    decision ("keep {subject}", "no significant difference", "no consistent difference" for mixed, ...)."""
+    keep_x, ptxt = f"by the decision rule keep the simpler {x_name}", "n/a" if p is None else f"{p:.3g}"
     if p is None or rel_change is None or p >= ALPHA:
-        ptxt = "not computable" if p is None else f"{p:.3g} >= {ALPHA:g}"
-        return "no significant difference", (f"no significant difference between {y_name} and {x_name} "
-                                             f"(Wilcoxon p {ptxt}); {simpler}")
-    pct = f"{abs(rel_change):.1%}"
+        return "no significant difference", (f"no significant difference between {y_name} and {x_name} (Wilcoxon p "
+                                             f"{ptxt} >= {ALPHA:g}); {keep_x}")
     if (rel_change < 0) != (median_diff < 0) or median_diff == 0:
-        return "mixed", (f"no consistent difference: Wilcoxon p = {p:.3g} but the mean ({rel_change:+.1%}) and the "
-                         f"median paired difference ({median_diff:+.4g}) disagree in sign (a few files dominate the "
-                         f"mean); {simpler}")
+        return "mixed", (f"no consistent difference: Wilcoxon p = {ptxt} but the mean ({rel_change:+.1%}) and the "
+                         f"median paired difference ({median_diff:+.4g}) disagree in sign; {keep_x}")
     if rel_change < -MIN_REL_IMPROVEMENT:
-        return "keep", (f"keep {subject}: {y_name} lowers the loss by {pct} relative to {x_name} (Wilcoxon p = "
-                        f"{p:.3g} < {ALPHA:g}, more than the {MIN_REL_IMPROVEMENT:.0%} threshold)")
+        return "keep", (f"keep {subject}: {y_name} lowers the loss by {-rel_change:.1%} relative to {x_name} (Wilcoxon "
+                        f"p = {ptxt} < {ALPHA:g}, more than the {MIN_REL_IMPROVEMENT:.0%} threshold)")
     if rel_change < 0:
-        return "improvement below threshold", (
-            f"improvement below threshold: {y_name} is significantly better than {x_name} (Wilcoxon p = {p:.3g}) "
-            f"but only by {pct} (<= {MIN_REL_IMPROVEMENT:.0%}); {simpler}")
-    return "hurts", (f"{subject} hurts: {y_name} raises the loss by {pct} relative to {x_name} "
-                     f"(Wilcoxon p = {p:.3g} < {ALPHA:g}); keep {x_name}")
+        return "improvement below threshold", (f"improvement below threshold: {y_name} is better than {x_name} by "
+                                               f"only {-rel_change:.1%} (Wilcoxon p = {ptxt}); {keep_x}")
+    return "hurts", f"{subject} hurts: {y_name} raises the loss by {rel_change:.1%} (Wilcoxon p {ptxt}); keep {x_name}"
 
 
 def paired_comparison(x: Mapping[str, float | None], y: Mapping[str, float | None],
