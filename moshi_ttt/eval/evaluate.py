@@ -1,10 +1,15 @@
-"""Per-chunk evaluation of held-out files, in either memory mode, into an :class:`EvalResult`; ``moshi-ttt eval``.
+"""Evaluate a trained checkpoint on held-out files, chunk after chunk, in either memory mode.
 
-Every file is played in order, chunk after chunk, through the chunked path of training (``ChunkedLM``), the
-memory kept for the whole file (``persistent``) or reset every chunk (``reset``), whatever the model was
-trained with. Per file and chunk: the mean cross-entropy (text + audio tokens), text and audio apart, the loss
-on the beyond-window recall targets and per ladder rung (synthetic corpora), and the TTT state drift at the
-chunk's end. :func:`periodic_evaluator` is the trainer's evaluation callback.
+Every file is played in order through the chunked path of training, the memory kept across the file
+('persistent') or reset every chunk ('reset'), whatever the model was trained with. Per file and chunk: the
+per-token loss (cross-entropy in nats averaged over all text and audio tokens; training logs the text loss
+plus the audio loss instead), text and audio apart, the loss on beyond-window recall targets (synthetic
+corpora) with its chance level and per ladder rung, and the TTT state drift. ``moshi-ttt eval`` writes
+eval_<mode>.json in RUN/eval/<checkpoint>-<data folder>/ (or --out DIR); :func:`periodic_evaluator` is the
+trainer's evaluation callback.
+
+Example:
+    moshi-ttt eval runs/tiny_cpu --data data/synth/eval
 """
 
 from __future__ import annotations
@@ -150,18 +155,6 @@ def periodic_evaluator(cfg: TrainConfig) -> Callable[[torch.nn.Module, int], dic
 
 # ---- moshi-ttt eval ---------------------------------------------------------------------------
 
-HELP = """Evaluate a trained checkpoint on held-out files, chunk after chunk, in either memory mode.
-
-Reports per file and chunk the per-token loss (cross-entropy in nats averaged over all text and audio
-tokens; training logs the text loss plus the audio loss instead), text and audio separately, the loss on
-beyond-window recall targets (synthetic corpus) with its chance level, and the TTT state drift; --mode
-both runs the memory kept across the file ('persistent') and reset every chunk ('reset'), whatever the
-model was trained with. Output: eval_<mode>.json in RUN/eval/<checkpoint>-<data folder>/ (or --out DIR).
-
-Example:
-    moshi-ttt eval runs/tiny_cpu --data data/synth/eval"""
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``moshi-ttt eval``; errors are printed by the caller (one line, exit code)."""
     from ..train.loop import load_trained
@@ -199,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="per-chunk evaluation of a checkpoint (JSON beside the run)", description=HELP,
+    p = sub.add_parser("eval", help="per-chunk evaluation of a checkpoint (JSON beside the run)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="run folder (its newest checkpoint) or RUN/checkpoints/step_N")
     p.add_argument("--data", required=True, help="encoded dataset folder of held-out files (from synth or prepare)")

@@ -182,8 +182,8 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
                     trainer = Trainer(acfg, (run_dir / "checkpoints").is_dir(), evaluator=periodic_evaluator(acfg))
                     trainer.train()
                     trainer.close()
-                one = len(cfg.corpora) * len(cfg.seeds) == 1
-                logs[arm if one else f"{arm}/{spec.label}/s{seed}"] = read_metrics(run_dir)
+                logs[arm if len(cfg.corpora) * len(cfg.seeds) == 1 else f"{arm}/{spec.label}/s{seed}"] = \
+                    read_metrics(run_dir)
                 model, tcfg, ck = load_trained(run_dir)
                 for mode in ["none"] if arm == "C" else ["reset", "persistent"]:
                     path = out / "evals" / f"{spec.label}_seed{seed}_{arm}_{mode}.json"
@@ -199,18 +199,14 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
     report = write_report(out / "report", [r for rs in evals.values() for r in rs], logs,
                           {"experiment": dump(cfg), "train_base": dump(base), "lora_rank_C": rank}, command,
                           n_boot=cfg.n_boot, facts=run_facts(wall_time_s=time.perf_counter() - t0), ladders=ladders)
-    print(f"[{time.perf_counter() - t0:6.0f}s] report: {report}")
+    print(f"[{time.perf_counter() - t0:6.0f}s] Report written to {report}")
     return report
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_experiment_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report = run_experiment(cfg, "moshi-ttt experiment " + shlex.join(sys.argv[2:]), progress=not args.quiet)
-    print(f"Report written to {report}")
+    """Entry point of ``moshi-ttt experiment``; errors (a ConfigError: exit code 2) are printed by the caller."""
+    cfg = load_experiment_config(args.config, args.set)
+    run_experiment(cfg, "moshi-ttt experiment " + shlex.join(sys.argv[2:]), progress=not args.quiet)
     return 0
 
 
