@@ -90,10 +90,9 @@ def plot_means(groups: Sequence[str], means: Mapping[str, Sequence[MeanCI | None
     return _save(fig, path, (ax, None, ylabel, title + "\n(mean over files, error bars: 95% CI; axis not from 0)"))
 
 
-def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
-                         title: str = "Training curves", smooth: int | None = None) -> Path:
+def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
     """Training loss (and ``ttt_state_drift`` / ``gate_mean`` when logged) vs step from rows of ``metrics.jsonl``,
-    a line per arm; the loss also as a trailing moving average (default window: 1/50 of the longest run)."""
+    a line per arm; the loss also as a trailing moving average over 1/50 of the longest run."""
 
     def series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
         pts = sorted((float(r["step"]), float(r[key])) for r in rows if isinstance(r.get(key), (int, float))
@@ -105,7 +104,7 @@ def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
     keys = [k for k in ylabels if k == "loss" or any(series(r, k)[0].size for r in logs.values())]
     fig = Figure(figsize=(7.5, 3.2 * len(keys)))
     axes = [fig.add_subplot(len(keys), 1, i + 1) for i in range(len(keys))]
-    window = smooth if smooth is not None else max(1, max(map(len, logs.values()), default=0) // 50)
+    window = max(1, max(map(len, logs.values()), default=0) // 50)
     for i, (arm, rows) in enumerate(logs.items()):
         for ax, key in zip(axes, keys):
             s, v = series(rows, key)
@@ -116,8 +115,8 @@ def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
                 # Trailing mean: the value at step s uses only steps <= s (the first ones fewer).
                 v = np.convolve(v, np.ones(window), "full")[:v.size] / np.minimum(np.arange(1, v.size + 1), window)
             ax.plot(s, v, color=f"C{i}", label=f"{arm} (moving avg {window})" if smoothed else arm)
-    return _save(fig, path, *((ax, "optimizer step" if ax is axes[-1] else None, ylabels[k], title if ax is axes[0]
-                               else None) for ax, k in zip(axes, keys)))
+    return _save(fig, path, *((ax, "optimizer step" if ax is axes[-1] else None, ylabels[k],
+                               "Training curves" if ax is axes[0] else None) for ax, k in zip(axes, keys)))
 
 
 def plot_contrasts(comparisons: Mapping[str, Comparison], path: str | Path, title: str) -> Path:

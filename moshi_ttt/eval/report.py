@@ -68,12 +68,12 @@ class ContrastResult:
     seed_spread: stats.SeedSpread | None = None
 
 
-def chance_verdict(recall: Mapping[str, MeanCI], chance: float | None, margin: float = CHANCE_MARGIN) -> str | None:
+def chance_verdict(recall: Mapping[str, MeanCI], chance: float | None) -> str | None:
     """:data:`AT_CHANCE_STATEMENT` when no arm's recall-target loss (``{label: mean across files}``) is
-    credibly below ``chance``: its 95% CI upper bound (its mean without a CI) more than ``margin`` (relative)
+    credibly below ``chance``: its 95% CI upper bound (its mean without a CI) more than CHANCE_MARGIN (relative)
     below; else None, also when chance is unknown. Comparisons of arms all at chance measure noise, not memory."""
     tops = [ci.high if ci.high is not None else ci.mean for ci in recall.values() if ci.mean is not None]
-    if chance is None or not tops or any(top < chance * (1 - margin) for top in tops):
+    if chance is None or not tops or any(top < chance * (1 - CHANCE_MARGIN) for top in tops):
         return None
     return AT_CHANCE_STATEMENT
 
@@ -117,7 +117,7 @@ def _group(evals: Sequence[EvalResult]) -> dict[str, _Corpus]:
     return {k: corpora[k] for k in sorted(corpora, key=lambda n: (rank.get(n, len(rank)), n))}
 
 
-def _contrast(c: _Corpus, con: Contrast, metric: str, n_boot: int, seed: int) -> ContrastResult:
+def _contrast(c: _Corpus, con: Contrast, metric: str, n_boot: int) -> ContrastResult:
     e = ContrastResult(con.id, con.primary, metric, CONVENTIONAL[con.x], CONVENTIONAL[con.y], c.labels.get(con.x),
                        c.labels.get(con.y))
     if missing := [CONVENTIONAL[k] for k in (con.x, con.y) if k not in c.groups]:
@@ -127,7 +127,7 @@ def _contrast(c: _Corpus, con: Contrast, metric: str, n_boot: int, seed: int) ->
 
     def compare(xs: list[EvalResult], ys: list[EvalResult], n: int) -> Comparison:
         return stats.paired_comparison(stats.pool_seeds(xs, metric), stats.pool_seeds(ys, metric),
-                                       (e.x_label, e.y_label), n, seed, subject=con.subject)  # type: ignore[arg-type]
+                                       (e.x_label, e.y_label), n, subject=con.subject)  # type: ignore[arg-type]
 
     try:
         if all(v is None for rs in (xr, yr) for v in stats.pool_seeds(rs, metric).values()):
@@ -151,7 +151,7 @@ def _find(res: dict[str, Any], cid: str, metric: str) -> ContrastResult:
     return next(e for e in res["contrasts"] if e.id == cid and e.metric == metric)
 
 
-def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plots: bool) -> dict[str, Any]:
+def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, make_plots: bool) -> dict[str, Any]:
     conditions = {c.labels[k]: {
         "role": CONVENTIONAL[k], "arm": rs[0].arm, "train_mode": k[0], "eval_mode": k[1], "seeds": [r.seed for r in rs],
         "checkpoints": [r.checkpoint for r in rs], "n_files": len(rs[0].files),
@@ -159,7 +159,7 @@ def _analyse_corpus(c: _Corpus, out_dir: Path, n_boot: int, seed: int, make_plot
         "per_chunk_loss": stats.chunk_curve(rs, "loss"), "per_chunk_state_drift": stats.chunk_curve(rs, "state_drift")}
         for k, rs in c.groups.items()}
     res: dict[str, Any] = {"conditions": conditions, "notes": c.notes,
-                           "contrasts": [_contrast(c, con, m, n_boot, seed) for con in CONTRASTS for m in METRICS]}
+                           "contrasts": [_contrast(c, con, m, n_boot) for con in CONTRASTS for m in METRICS]}
     primary = "recall_loss" if _find(res, HEADLINE, "recall_loss").comparison is not None else "later_chunk_loss"
     head = _find(res, HEADLINE, primary)
     chances = [r.recall_chance_nats for rs in c.groups.values() for r in rs if r.recall_chance_nats is not None]
@@ -361,17 +361,17 @@ def _json(obj: Any) -> str:
 
 
 def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[str, list[dict]] | None,
-                 config: dict, command: str, *, n_boot: int = 10000, seed: int = 0, make_plots: bool = True,
+                 config: dict, command: str, *, n_boot: int = 10000, make_plots: bool = True,
                  facts: Mapping[str, Any] | None = None, ladders: Sequence[LadderResult] = ()) -> Path:
     """Analyse evaluations (any mix of corpora, conditions and seeds); write ``results.json``, ``report.md``
     and PNGs into ``out_dir`` and return the path of ``report.md``. train_logs: ``{arm: rows of metrics.jsonl}``
-    or None; config, command: written as given; n_boot, seed: of the bootstrap; facts: run facts (None:
+    or None; config, command: written as given; n_boot: bootstrap resamples (seed 0); facts: run facts (None:
     gathered now); ladders: the positive control (:func:`~moshi_ttt.eval.ladder.analyse_ladder`), shown first."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not evals:
         raise ValueError("write_report: no evaluation results")
-    corpora = {name: _analyse_corpus(c, out_dir, n_boot, seed, make_plots) for name, c in _group(evals).items()}
+    corpora = {name: _analyse_corpus(c, out_dir, n_boot, make_plots) for name, c in _group(evals).items()}
     sanity = _sanity(corpora)
     conclusion, overall = _conclusion(corpora, sanity)
     facts = run_facts() if facts is None else facts
@@ -384,7 +384,7 @@ def write_report(out_dir: str | Path, evals: list[EvalResult], train_logs: dict[
         "format": "moshi-ttt-report", "version": 1, "command": command, "config": config,
         "decision_rule": {"test": "two-sided Wilcoxon signed-rank over files", "alpha": stats.ALPHA,
                           "min_rel_improvement": stats.MIN_REL_IMPROVEMENT, "headline_contrast": HEADLINE,
-                          "n_boot": n_boot, "bootstrap_seed": seed},
+                          "n_boot": n_boot, "bootstrap_seed": 0},
         "contrasts": [con._asdict() for con in CONTRASTS], "overall": overall, "sanity_check": sanity,
         "corpora": corpora, "training": train, "training_figure": train_fig, "run_facts": dict(facts)}))
 

@@ -56,11 +56,11 @@ class MeanCI:
     high: float | None = None
 
 
-def mean_ci(values: Iterable[float | None], confidence: float = 0.95) -> MeanCI:
+def mean_ci(values: Iterable[float | None]) -> MeanCI:
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     if v.size < 2:
         return MeanCI(int(v.size), float(v[0]) if v.size else None)
-    m, half = float(v.mean()), float(sps.t.ppf(0.5 + confidence / 2, v.size - 1) * sps.sem(v))
+    m, half = float(v.mean()), float(sps.t.ppf(0.975, v.size - 1) * sps.sem(v))
     return MeanCI(int(v.size), m, m - half, m + half)  # (t.interval gives NaN for zero spread)
 
 
