@@ -45,7 +45,8 @@ COMMAND_MODULES = (
     "moshi_ttt.ttt.demo",
     "moshi_ttt.data.commands",
     "moshi_ttt.train.commands",
-    "moshi_ttt.eval.commands",
+    "moshi_ttt.eval.evaluate",
+    "moshi_ttt.eval.experiment",
     "moshi_ttt.model.generate",
     "moshi_ttt.bench.commands",
 )

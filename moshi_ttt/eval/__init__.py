@@ -1,1 +1,1 @@
-"""Evaluation: per-chunk losses of held-out files (typed results), the experiment, statistics, report."""
+"""Evaluation: per-chunk losses of held-out files (moshi-ttt eval), the experiment, statistics, plots, report."""

@@ -1,18 +1,12 @@
 """``moshi-ttt experiment``: does persistent TTT memory help?
 
-For every corpus (by default the synthetic long-memory corpus and its control) and every seed,
-three arms are trained under identical seeds, data order and step counts:
-
-* A: TTT, memory reset every chunk in training (``persistent_states: false``, the baseline);
-* B: TTT, memory carried across the chunks of a file (``persistent_states: true``);
-* C: no TTT; LoRA with about the same number of trainable parameters instead.
-
-A and B are then evaluated in both memory modes (the 2x2 of train mode x eval mode), C once, on
-the same held-out files, and ``report.write_report`` turns the per-file results into statistics
-(paired tests, bootstrap intervals, the decision rule: keep persistent memory only if it lowers the loss
-significantly and by more than 10%), plots and ``report.md``.
-Training data and evaluation data are disjoint (different generator seeds); nothing is tuned on
-the held-out files.
+For every corpus (by default the synthetic long-memory corpus and its control) and every seed, three arms
+are trained under identical seeds, data order and step counts: A, TTT with its memory reset every chunk
+(``persistent_states: false``, the baseline); B, TTT with its memory carried across a file's chunks; C, no
+TTT but a LoRA of about as many trainable parameters. A and B are evaluated in both memory modes (the 2x2
+of train mode x eval mode), C once, on the same held-out files (never tuned on: other generator seeds),
+and the report gives paired tests, bootstrap intervals, the decision rule (keep persistent memory only if
+it lowers the loss significantly and by more than 10%), plots and ``report.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +31,7 @@ from ..model.presets import tiny_lm_kwargs
 from ..records import dump
 from ..train.config import ConfigError, TrainConfig, load_config
 from .evaluate import evaluate, periodic_evaluator
-from .ladder import LadderResult, analyse_ladder, ladder_json, ladder_markdown, plot_ladder
+from .ladder import analyse_ladder
 
 CorpusKind = Literal["kv", "kv-control", "long-memory", "control", "real"]
 Arm = Literal["A", "B", "C"]
@@ -46,21 +40,15 @@ ARM_TRAIN_MODE = {"A": "reset", "B": "persistent", "C": "none"}
 
 @dataclass
 class CorpusSpec:
-    """A corpus: synthetic (generated into ``out_dir/data/<name>`` if missing) or existing encoded
-    folders.
-
-    kind: "kv" / "kv-control" (the key -> value ladder, the positive control, and its control),
-        "long-memory" / "control" (the motif corpus and its control) or "real".
-    name: unique name in the run (folders, report); default: the kind.
-    arms: the arms trained on this corpus (default: the experiment's).
-    synth: overrides of ``LadderConfig`` (kv kinds) or ``SynthConfig`` (long-memory kinds); the
-        model's attention stack, the chunk and the span come from the training config.
-    """
+    """kind: "kv" / "kv-control" (the key -> value ladder: the positive control, and its control),
+    "long-memory" / "control" (the motif corpus and its control), or "real" (``train``/``eval``/``val``:
+    encoded dataset folders); name: unique in the run (default: the kind); arms: default the experiment's;
+    synth: overrides of ``LadderConfig`` / ``SynthConfig`` (model, chunk and span come from the training config)."""
 
     kind: CorpusKind = "long-memory"
     name: str | None = None
     arms: list[Arm] | None = None
-    train: str | None = None             # existing encoded dataset folders (real data)
+    train: str | None = None
     eval: str | None = None              # held-out files: used once, for the final evaluation
     val: str | None = None               # monitored during training (never the held-out files)
     synth: dict[str, Any] = field(default_factory=dict)
@@ -79,8 +67,7 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     corpora: list[CorpusSpec] = field(default_factory=lambda: [CorpusSpec("long-memory"), CorpusSpec("control")])
     arms: list[Arm] = field(default_factory=lambda: ["A", "B", "C"])
-    # Base training config (the arms change only what defines them).
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # the base; the arms change only what defines them
     eval_lanes: int = 4
     n_boot: int = 10000
     lora_rank: int | None = None         # arm C; None: matched to the TTT parameter count
@@ -95,14 +82,12 @@ class ExperimentConfig:
 
 
 def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """The experiment config from a YAML file and ``--set`` overrides (the base training config
-    under ``train`` is checked here too: its errors name ``train.<key>``)."""
+    """From a YAML file and ``--set`` overrides; errors name the key (``train.<key>`` for the base config)."""
     return load_config(ExperimentConfig, path, overrides)
 
 
 def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int, base: TrainConfig) -> tuple[Path, Path | None, Path]:
-    """(train, val, held-out eval) folders; synthetic ones are generated for the model of ``base``
-    (its attention reach, chunk and training span) if missing."""
+    """(train, val, held-out eval) folders; synthetic ones are generated for ``base``'s model if missing."""
     if spec.kind == "real":
         if not (spec.train and spec.eval):
             raise ConfigError("corpora: a 'real' corpus needs train and eval (encoded dataset folders)")
@@ -110,168 +95,118 @@ def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int, base: TrainConfig) -> 
     if base.model.preset != "tiny":
         raise ConfigError(f"corpora: a synthetic corpus ({spec.kind}) needs the tiny preset (its layout); "
                           "use kind: real for data encoded for other models")
-    lm_kwargs = tiny_lm_kwargs(**base.model.lm_overrides)
-    control = spec.kind in ("control", "kv-control")
-    folder = root / "data" / spec.label
+    lm_kwargs, folder = tiny_lm_kwargs(**base.model.lm_overrides), root / "data" / spec.label
     # Train, validation and held-out files come from different generator seeds.
-    splits = (("train", spec.train_files, 1000 + seed), ("val", spec.val_files, 3000 + seed),
-              ("eval", spec.eval_files, 2000 + seed))
-    for split, n, s in splits:
-        out = folder / f"{split}_seed{seed}"
-        if n and not (out / "index.jsonl").is_file():
-            over = {**spec.synth, "seed": s, "num_files": n, "control": control}
+    for split, n, s in [("train", spec.train_files, 1000), ("val", spec.val_files, 3000),
+                        ("eval", spec.eval_files, 2000)]:
+        if n and not (folder / f"{split}_seed{seed}" / "index.jsonl").is_file():
+            over = {**spec.synth, "seed": s + seed, "num_files": n, "control": spec.kind.endswith("control")}
             try:
                 if spec.kind.startswith("kv"):
-                    lcfg = LadderConfig.from_lm_kwargs(lm_kwargs, chunk_frames=base.data.chunk_frames,
-                                                       span_chunks=base.bptt_chunks, **over)
-                    write_ladder(lcfg, out, progress=False)
+                    write_ladder(LadderConfig.from_lm_kwargs(lm_kwargs, chunk_frames=base.data.chunk_frames,
+                                                             span_chunks=base.bptt_chunks, **over),
+                                 folder / f"{split}_seed{seed}", progress=False)
                 else:
-                    write_corpus(SynthConfig.from_lm_kwargs(lm_kwargs, **over), out, progress=False)
+                    write_corpus(SynthConfig.from_lm_kwargs(lm_kwargs, **over), folder / f"{split}_seed{seed}",
+                                 progress=False)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"corpora ({spec.label}).synth: {e}") from e
     val = folder / f"val_seed{seed}" if spec.val_files else None
     return folder / f"train_seed{seed}", val, folder / f"eval_seed{seed}"
 
 
-def _count_trainable(cfg: TrainConfig) -> int:
-    from ..train.loop import make_model
-
-    model = make_model(cfg, device=__import__("torch").device("cpu"))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def arm_config(base: TrainConfig, arm: str, run_dir: Path, lora_rank: int | None) -> TrainConfig:
     cfg = copy.deepcopy(base)
     cfg.run_dir = str(run_dir)
-    if arm == "A":
-        cfg.ttt = dataclasses.replace(cfg.ttt, persistent_states=False)
-    elif arm == "B":
-        cfg.ttt = dataclasses.replace(cfg.ttt, persistent_states=True)
-    else:  # C: the same base model without TTT, a LoRA of about the same size instead
+    if arm == "C":  # the same base model without TTT, a LoRA of about the same size instead
         cfg.ttt = dataclasses.replace(cfg.ttt, layers="none")
         cfg.lora = dataclasses.replace(cfg.lora, enable=True, rank=lora_rank or cfg.lora.rank)
         if cfg.trainable != "full":  # with "full", C trains everything too, plus the LoRA
             cfg.trainable = "ttt+lora"
+    else:
+        cfg.ttt = dataclasses.replace(cfg.ttt, persistent_states=arm == "B")
     cfg.validate()
     return cfg
 
 
 def matched_lora_rank(base: TrainConfig) -> tuple[int, int, int]:
-    """The LoRA rank whose trainable-parameter count is closest to arm B's. (rank, lora, ttt)."""
-    ttt_params = _count_trainable(arm_config(base, "B", Path("unused"), None))
-    best = (1, 0)
-    for rank in (1, 2, 4, 8, 16, 32, 64):
-        n = _count_trainable(arm_config(base, "C", Path("unused"), rank))
-        if best[1] == 0 or abs(n - ttt_params) < abs(best[1] - ttt_params):
-            best = (rank, n)
-    return best[0], best[1], ttt_params
+    """The LoRA rank whose trainable-parameter count is closest to arm B's: (rank, its count, B's count)."""
+    import torch
+
+    from ..train.loop import make_model
+
+    def count(arm: str, rank: int | None) -> int:
+        model = make_model(arm_config(base, arm, Path("unused"), rank), device=torch.device("cpu"))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    ttt = count("B", None)
+    rank, n = min(((r, count("C", r)) for r in (1, 2, 4, 8, 16, 32, 64)), key=lambda rn: abs(rn[1] - ttt))
+    return rank, n, ttt
 
 
 def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = True) -> Path:
+    from ..runtime import run_facts
     from ..train.logging import read_metrics
     from ..train.loop import Trainer, load_trained
-    from .report import load_evals, write_report
+    from .report import write_report
+    from .results import EvalResult
 
-    out = Path(cfg.out_dir)
+    out, t0 = Path(cfg.out_dir), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(dump(cfg), indent=2))
-    base_train = copy.deepcopy(cfg.train)
-    base_train.progress = progress
+    base = copy.deepcopy(cfg.train)
+    base.progress = progress
     rank = cfg.lora_rank
     if "C" in cfg.arms and rank is None:
-        rank, n_lora, n_ttt = matched_lora_rank(base_train)
+        rank, n_lora, n_ttt = matched_lora_rank(base)
         print(f"arm C: LoRA rank {rank} ({n_lora:,} trainable parameters) vs TTT's {n_ttt:,}")
-    eval_paths: list[Path] = []
+    evals: dict[str, list[EvalResult]] = {}
     logs: dict[str, list[dict]] = {}
-    t0 = time.perf_counter()
-    ladder_evals: dict[str, list[Path]] = {}
     chance: dict[str, float] = {}
     for spec in cfg.corpora:
         for seed in cfg.seeds:
-            train_dir, val_dir, eval_dir = _corpus_dirs(spec, out, seed, base_train)
+            train_dir, val_dir, eval_dir = _corpus_dirs(spec, out, seed, base)
             eval_ds = EncodedDataset(eval_dir)
-            syn = eval_ds.meta.get("synthetic") or {}
             if spec.kind.startswith("kv"):
-                chance[spec.label] = float(np.mean(syn["chance_nats"]["per_row"]))
+                chance[spec.label] = float(np.mean(eval_ds.meta["synthetic"]["chance_nats"]["per_row"]))
             for arm in spec.arms or cfg.arms:
                 run_dir = out / "runs" / spec.label / f"seed{seed}" / arm
-                acfg = arm_config(base_train, arm, run_dir, rank)
-                acfg.seed = seed
-                acfg.model.init_seed = seed
+                acfg = arm_config(base, arm, run_dir, rank)
+                acfg.seed = acfg.model.init_seed = seed
                 acfg = dataclasses.replace(acfg, data=dataclasses.replace(
                     acfg.data, train=str(train_dir), eval=str(val_dir) if val_dir else None))
-                done = (run_dir / "summary.json").is_file() and \
-                    json.loads((run_dir / "summary.json").read_text()).get("steps") == acfg.steps
-                if not done:
+                summary = run_dir / "summary.json"
+                if not (summary.is_file() and json.loads(summary.read_text()).get("steps") == acfg.steps):
                     print(f"[{time.perf_counter() - t0:6.0f}s] train {spec.kind} seed {seed} arm {arm} "
                           f"({ARM_TRAIN_MODE[arm]}), {acfg.steps} steps")
-                    trainer = Trainer(acfg, resume=(run_dir / "checkpoints").is_dir(),
-                                      evaluator=periodic_evaluator(acfg))
+                    trainer = Trainer(acfg, (run_dir / "checkpoints").is_dir(), evaluator=periodic_evaluator(acfg))
                     trainer.train()
                     trainer.close()
-                logs[f"{arm}" if len(cfg.corpora) * len(cfg.seeds) == 1 else f"{arm}/{spec.label}/s{seed}"] = \
+                logs[arm if len(cfg.corpora) * len(cfg.seeds) == 1 else f"{arm}/{spec.label}/s{seed}"] = \
                     read_metrics(run_dir)
                 model, tcfg, ck = load_trained(run_dir)
-                modes = ["none"] if arm == "C" else ["reset", "persistent"]
-                for mode in modes:
+                for mode in ["none"] if arm == "C" else ["reset", "persistent"]:
                     path = out / "evals" / f"{spec.label}_seed{seed}_{arm}_{mode}.json"
-                    if not path.is_file():
+                    if not path.is_file():  # written atomically: an existing file is a finished evaluation
                         evaluate(model, eval_ds, tcfg.data.chunk_frames, lanes=cfg.eval_lanes, mode=mode, arm=arm,
                                  train_mode=ARM_TRAIN_MODE[arm], seed=seed, checkpoint=str(ck), data=str(eval_dir),
                                  corpus=spec.kind, corpus_name=spec.label).save(path)
-                    eval_paths.append(path)
-                    if spec.kind.startswith("kv"):
-                        ladder_evals.setdefault(spec.label, []).append(path)
-    config = {"experiment": dump(cfg), "train_base": dump(base_train), "lora_rank_C": rank}
-    from ..runtime import run_facts
-
-    report = write_report(out / "report", load_evals(eval_paths), logs, config, command, n_boot=cfg.n_boot,
-                          facts=run_facts(wall_time_s=time.perf_counter() - t0))
-    if ladder_evals:
-        kinds = {c.label: c.kind for c in cfg.corpora}
-        results = [analyse_ladder(load_evals(paths), name, chance[name], kinds[name] == "kv-control",
-                                  n_boot=min(cfg.n_boot, 2000)) for name, paths in ladder_evals.items()]
-        prepend_ladder(report, results)
-        for r in results:
-            print(f"[{time.perf_counter() - t0:6.0f}s] {r.corpus}: {r.verdict}")
-    print(f"[{time.perf_counter() - t0:6.0f}s] report: {report}")
+                    evals.setdefault(spec.label, []).append(EvalResult.load(path))
+    ladders = [analyse_ladder(evals[c.label], c.label, chance[c.label], c.kind == "kv-control",
+                              n_boot=min(cfg.n_boot, 2000)) for c in cfg.corpora if c.kind.startswith("kv")]
+    for r in ladders:
+        print(f"[{time.perf_counter() - t0:6.0f}s] {r.corpus}: {r.verdict}")
+    report = write_report(out / "report", [r for rs in evals.values() for r in rs], logs,
+                          {"experiment": dump(cfg), "train_base": dump(base), "lora_rank_C": rank}, command,
+                          n_boot=cfg.n_boot, facts=run_facts(wall_time_s=time.perf_counter() - t0), ladders=ladders)
+    print(f"[{time.perf_counter() - t0:6.0f}s] Report written to {report}")
     return report
 
 
-def prepend_ladder(report: Path, results: list[LadderResult]) -> None:
-    """Put the positive control's verdict at the top of ``report`` (report.md): every other result
-    of the run is read in its light. Writes ``ladder.json`` and one plot per ladder corpus beside it."""
-    positive = [r for r in results if not r.control]
-    controls = [r for r in results if r.control]
-    lines = ["## Can this run see a memory? (positive control)", ""]
-    for r in results:
-        lines.append(f"- **{r.corpus}**: {r.verdict}.")
-    if positive and all(r.passed for r in positive) and all(r.passed for r in controls):
-        lines += ["", "The apparatus detects a memory that helps, and nothing where there is nothing to remember: "
-                  "the results on the other corpora below can be read as evidence either way."]
-    elif positive:
-        lines += ["", "**The apparatus could not detect memory in this run** (positive control not passed"
-                  + (", or its control failed" if controls else "") + "): a null result on the other corpora "
-                  "below is no evidence that memory does not help."]
-    lines.append("")
-    for r in results:
-        plot = plot_ladder(r, report.parent / f"ladder_{r.corpus}.png").name
-        lines += ladder_markdown(r, plot)
-    (report.parent / "ladder.json").write_text(json.dumps([ladder_json(r) for r in results], indent=2))
-    text = report.read_text().splitlines()
-    title = 1 if text and text[0].startswith("# ") else 0
-    report.write_text("\n".join(text[:title] + [""] + lines + text[title:]) + "\n")
-
-
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_experiment_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    command = "moshi-ttt experiment " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    report = run_experiment(cfg, command, progress=not args.quiet)
-    print(f"Report written to {report}")
+    """Entry point of ``moshi-ttt experiment``; errors (a ConfigError: exit code 2) are printed by the caller."""
+    cfg = load_experiment_config(args.config, args.set)
+    run_experiment(cfg, "moshi-ttt experiment " + shlex.join(sys.argv[2:]), progress=not args.quiet)
     return 0
 
 

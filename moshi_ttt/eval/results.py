@@ -1,60 +1,31 @@
 """The evaluation result: one typed record per (arm, evaluation mode), written by ``evaluate()``.
 
-The record owns its per-file reductions (later-chunk loss, recall-target loss, per-rung loss),
-which the statistics, plots and report read. JSON layout (``moshi-ttt-eval`` version 1)::
-
-    {"format": "moshi-ttt-eval", "version": 1, "arm": "B", "train_mode": "persistent",
-     "eval_mode": "persistent", "seed": 0, "checkpoint": "path", "data": "path",
-     "corpus": "long-memory", "chunk_frames": 64, "context": 32,
-     "files": [{"file_id": "f003", "num_frames": 256,
-                "chunks": [{"chunk_index": 0, "tokens": 190, "loss": 3.2, "text_loss": 3.1,
-                            "audio_loss": 3.3, "recall_tokens": 12, "recall_loss": 2.9,
-                            "state_drift": 0.05}, ...]}]}
-
-(De)serialised by :mod:`moshi_ttt.records` (pydantic). Validation is strict and names the bad
-value by its JSON path (``files[2].chunks[5].recall_loss``), so an evaluator bug is found where it is
-made, not as a NaN in a table. Unknown keys (newer evaluators; the ladder's ``rung{r}_loss`` /
-``rung{r}_tokens``) are kept in ``extra`` and written back.
+JSON ``moshi-ttt-eval`` version 1: the fields of :class:`EvalResult`, per file those of :class:`FileResult`,
+per chunk those of :class:`ChunkResult`. (De)serialised by :mod:`moshi_ttt.records` (pydantic), strictly: an
+error names the bad value by its JSON path (``files[2].chunks[5].recall_loss``), so an evaluator bug is found
+where it is made. Unknown keys (newer evaluators; the ladder's ``rung{r}_loss`` / ``rung{r}_tokens``) are kept
+as attributes and written back. The record owns the per-file reductions the statistics read.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from .. import records
 from ..errors import ConfigValueError
 from ..fileio import atomic_write_text
 
-FORMAT = "moshi-ttt-eval"
 Mode = Literal["persistent", "reset", "none"]
 Corpus = Literal["long-memory", "control", "kv", "kv-control", "real"]
 LOSS_DEFINITION = "per-token loss: cross-entropy in nats averaged over all text and audio tokens"
-RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
-
-
-def _no_bool(v: Any) -> Any:
-    if isinstance(v, bool):  # bool is an int in Python; a JSON true is never a count
-        raise ValueError(f"expected an integer, got {v!r}")
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_no_bool)]
-Count = Annotated[Int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]  # records.load validates in strict JSON mode: a JSON true is no integer
+Positive = Annotated[int, Field(ge=1)]
 Text = Annotated[str, Field(min_length=1)]
 
 
@@ -73,43 +44,28 @@ def _fail(loc: tuple[str | int, ...], value: Any, problem: str) -> ValidationErr
 
 
 class _Open:
-    """Keys this record does not know go to ``extra`` on load and back to the top level on dump."""
+    """Unknown keys are kept (as attributes) and written back; ``_OPTIONAL`` fields only when not None."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
-    _OPTIONAL: tuple[str, ...] = ()  # written only when not None
-    extra: dict[str, Any]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fold_unknown(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return {**{k: v for k, v in data.items() if k in known},
-                "extra": {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in known}}}
+    __pydantic_config__ = ConfigDict(extra="allow", allow_inf_nan=False)
+    _OPTIONAL: tuple[str, ...] = ()
 
     @model_serializer(mode="wrap")
-    def _unfold(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        extra = out.pop("extra")
-        return {**{k: v for k, v in out.items() if v is not None or k not in self._OPTIONAL}, **extra}
+    def _with_extra(self, handler: Any) -> dict[str, Any]:
+        known = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        return {**{k: v for k, v in handler(self).items() if v is not None or k not in self._OPTIONAL},
+                **{k: v for k, v in vars(self).items() if k not in known}}
 
 
 def _wmean(pairs: list[tuple[float | None, float]]) -> float | None:
     """Token-weighted mean of ``(mean, tokens)`` pairs; pairs with no tokens enter no mean."""
     pairs = [(v, n) for v, n in pairs if n and v is not None]
-    den = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / den if den else None
+    return sum(v * n for v, n in pairs) / den if (den := sum(n for _, n in pairs)) else None
 
 
 @dataclass
 class ChunkResult(_Open):
-    """Losses of one chunk of one file: token means over the chunk's scored tokens (nats).
-
-    ``loss`` is None iff ``tokens == 0`` (0/0 enters no mean); ``recall_loss`` is None iff
-    ``recall_tokens == 0``; ``state_drift`` is the TTT fast weights' relative distance from their
-    learned initial value at the chunk's end (None without TTT).
-    """
+    """Token means (nats) of one chunk of one file; a mean is None iff it has no token (0/0 enters no mean).
+    ``state_drift``: the fast weights' relative distance from their initial value (None without TTT)."""
 
     chunk_index: Count
     tokens: Count
@@ -119,7 +75,6 @@ class ChunkResult(_Open):
     recall_tokens: Count = 0
     recall_loss: float | None = None
     state_drift: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @field_validator("loss", "recall_loss")
     @classmethod
@@ -129,20 +84,14 @@ class ChunkResult(_Open):
             raise ValueError(f"is null but {n} tokens" if v is None else "must be null when there are no tokens")
         return v
 
-    def rung(self, r: int) -> tuple[float | None, int]:
-        """``(mean loss, tokens)`` of ladder rung ``r``'s recall targets in this chunk."""
-        n = int(self.extra.get(f"rung{r}_tokens", 0))
-        return (float(self.extra[f"rung{r}_loss"]) if n else None), n
-
 
 @dataclass
 class FileResult(_Open):
     """All chunks of one evaluated file, ``chunk_index`` strictly increasing."""
 
     file_id: Text
-    num_frames: Annotated[Int, Field(ge=1)]
+    num_frames: Positive
     chunks: Annotated[list[ChunkResult], Field(min_length=1)]
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @field_validator("chunks")
     @classmethod
@@ -153,7 +102,6 @@ class FileResult(_Open):
                 raise _fail((i, "chunk_index"), chunks[i].chunk_index, "chunk indices must be strictly increasing")
         return chunks
 
-    # ---- per-file reductions: token-weighted means over the file's chunks -------------------
     def later_chunk_loss(self) -> float | None:
         """Loss over chunks ``>= 1`` (chunk 0 starts from the learned initial weights in every mode)."""
         return _wmean([(c.loss, c.tokens) for c in self.chunks if c.chunk_index >= 1])
@@ -162,44 +110,35 @@ class FileResult(_Open):
         """Recall-target loss over every chunk (None when the file has no recall target)."""
         return _wmean([(c.recall_loss, c.recall_tokens) for c in self.chunks])
 
-    def rung_loss(self, r: int) -> float | None:
-        """Recall loss of the ladder's rung ``r`` (None when the file has none)."""
-        return _wmean([c.rung(r) for c in self.chunks])
-
     def metric(self, name: str) -> float | None:
-        """A reduction by name: ``later_chunk_loss``, ``recall_loss``, ``rung{r}_loss``, ``loss``..."""
-        if name.startswith("rung") and name.endswith("_loss"):
-            return self.rung_loss(int(name[4:-5]))
-        return getattr(self, name)()
+        """A reduction by name: ``later_chunk_loss``, ``recall_loss`` or ``rung{r}_loss`` (ladder rung ``r``)."""
+        if not (name.startswith("rung") and name.endswith("_loss")):
+            return getattr(self, name)()
+        return _wmean([(getattr(c, name, None), getattr(c, f"{name[:-5]}_tokens", 0)) for c in self.chunks])
 
 
 @dataclass
 class EvalResult(_Open):
-    """One evaluation: one arm's trained weights under one memory mode on one corpus.
-
-    arm: "A" (TTT trained with resets), "B" (TTT trained persistent), "C" (no TTT) by convention;
-    train_mode / eval_mode: how the TTT state was handled in training / here ("none": no TTT, for
-    both or neither); corpus: the corpus kind; chunk_frames, context: frames of a chunk and of
-    the attention window; recall_chance_nats: token-weighted loss of a uniform guess on the recall
-    targets (synthetic corpora); corpus_name: the corpus's name in an experiment.
-    """
+    """One arm's trained weights under one memory mode on one corpus. arm: "A" (TTT trained with resets),
+    "B" (trained persistent), "C" (no TTT) by convention; train_mode / eval_mode: the TTT state in training
+    / here ("none": no TTT, for both or neither); recall_chance_nats: token-weighted loss of a uniform guess
+    on the recall targets (synthetic corpora); corpus_name: the corpus's name in an experiment."""
 
     arm: Text
     train_mode: Mode
     eval_mode: Mode
-    seed: Int
+    seed: int
     checkpoint: Text
     data: Text
     corpus: Corpus
-    chunk_frames: Annotated[Int, Field(ge=1)]
-    context: Annotated[Int, Field(ge=1)]
+    chunk_frames: Positive
+    context: Positive
     files: Annotated[list[FileResult], Field(min_length=1)]
     recall_chance_nats: float | None = None
     corpus_name: str | None = None
     loss_definition: str | None = None
-    format: Literal["moshi-ttt-eval"] = FORMAT
+    format: Literal["moshi-ttt-eval"] = "moshi-ttt-eval"
     version: Literal[1] = 1
-    extra: dict[str, Any] = field(default_factory=dict)
     _OPTIONAL = ("recall_chance_nats", "corpus_name", "loss_definition")
 
     @field_validator("eval_mode")
@@ -213,11 +152,9 @@ class EvalResult(_Open):
     @field_validator("files")
     @classmethod
     def _unique(cls, files: list[FileResult]) -> list[FileResult]:
-        seen: dict[str, int] = {}
-        for i, f in enumerate(files):
-            if f.file_id in seen:
-                raise _fail((i, "file_id"), f.file_id, f"duplicate file id (also files[{seen[f.file_id]}])")
-            seen[f.file_id] = i
+        ids = [f.file_id for f in files]
+        if (dup := next((i for i, fid in enumerate(ids) if fid in ids[:i]), None)) is not None:
+            raise _fail((dup, "file_id"), ids[dup], f"duplicate file id (also files[{ids.index(ids[dup])}])")
         return files
 
     @property
@@ -242,7 +179,6 @@ class EvalResult(_Open):
                 "loss_first_chunk": _wmean([(c.loss, c.tokens) for c in chunks if c.chunk_index == 0]),
                 "recall_loss": _wmean([(c.recall_loss, c.recall_tokens) for c in chunks])}
 
-    # ---- JSON -------------------------------------------------------------------------------
     @classmethod
     def from_json(cls, data: dict[str, Any] | str, source: str | None = None) -> EvalResult:
         """Validate a parsed JSON object (or a JSON string); raises :class:`SchemaError`."""

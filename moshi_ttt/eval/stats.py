@@ -1,17 +1,10 @@
-"""Statistics of the persistence experiment: paired tests over files and the decision rule.
+"""Statistics of the experiment (numpy, scipy): per-file metrics pooled over seeds, paired tests, the decision rule.
 
-The unit of replication is the evaluation *file*: every arm is evaluated on the same files, so
-comparisons are paired by ``file_id``, on a per-file metric of :class:`FileResult`
-(``later_chunk_loss``: chunks >= 1, where a memory carried across chunks can matter;
-``recall_loss``: the tokens that provably need memory beyond the attention window).
-
-Decision rule (fixed before the experiment was run): keep persistence iff the persistent arm
-Y is better than the baseline X with two-sided Wilcoxon signed-rank p < 0.05 *and* a relative
-improvement of the mean larger than 10% (``(mean_y - mean_x) / mean_x < -0.10``; losses: lower is
-better). Otherwise keep the simpler X: "no significant difference", "improvement below threshold"
-(significant but <= 10%), "mixed" (mean and median disagree) or "hurts" (significantly worse).
-
-numpy/scipy for the numbers.
+Files are the unit of replication: every arm is evaluated on the same held-out files, so comparisons pair
+them by ``file_id``. Decision rule, fixed before any run: keep the arm Y under test (persistence, TTT) over
+the simpler X iff its mean loss is lower with a two-sided Wilcoxon signed-rank p < 0.05 *and* by more than
+10% relative; otherwise keep X ("no significant difference", "improvement below threshold", "mixed": mean
+and median disagree, or "hurts").
 """
 
 from __future__ import annotations
@@ -20,8 +13,8 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from scipy import stats as sps
@@ -31,24 +24,19 @@ from .results import EvalResult
 ALPHA = 0.05
 MIN_REL_IMPROVEMENT = 0.10
 Decision = Literal["keep", "no significant difference", "improvement below threshold", "hurts", "mixed"]
-METRIC_TITLES = {"later_chunk_loss": "later-chunk loss (chunks >= 1)", "recall_loss": "recall-target loss",
-                 **{f"rung{r}_loss": f"rung {r} recall loss" for r in (1, 2, 3)}}
 
 
 def pool_seeds(results: Sequence[EvalResult], metric: str) -> dict[str, float | None]:
-    """Per-file metric averaged over the seeds of one condition (files must match across seeds).
-
-    Seeds are averaged *within* a file so that the paired test keeps files as its unit: seeds
-    measure training variance, which :func:`spread_across_seeds` reports separately.
-    """
+    """``{file_id: metric}`` averaged over the seeds of one condition (which must share their files): the
+    paired test keeps files as its unit; the spread across seeds is reported apart."""
     if not results:
         raise ValueError("pool_seeds: no results")
     per_seed = [r.file_metric(metric) for r in results]
     for r, values in zip(results[1:], per_seed[1:]):
         if set(values) != set(per_seed[0]):
-            missing = sorted(set(per_seed[0]) ^ set(values))
-            raise ValueError(f"{r.label} seed {r.seed}: file set differs from seed {results[0].seed} "
-                             f"(e.g. file {missing[0]!r}); seeds of one arm must be evaluated on the same files")
+            raise ValueError(f"{r.label} seed {r.seed}: file set differs from seed {results[0].seed} (e.g. file "
+                             f"{sorted(set(per_seed[0]) ^ set(values))[0]!r}); seeds of one arm must be evaluated on "
+                             "the same files")
     out: dict[str, float | None] = {}
     for fid in per_seed[0]:
         present = [v[fid] for v in per_seed if v[fid] is not None]
@@ -60,27 +48,25 @@ def pool_seeds(results: Sequence[EvalResult], metric: str) -> dict[str, float | 
 
 @dataclass
 class MeanCI:
-    """Mean across files with a t-based 95% confidence interval (None bounds when n < 2)."""
+    """Mean across files with a Student-t 95% confidence interval (None bounds when n < 2)."""
 
     n: int
     mean: float | None
-    low: float | None
-    high: float | None
+    low: float | None = None
+    high: float | None = None
 
 
-def mean_ci(values: Iterable[float | None], confidence: float = 0.95) -> MeanCI:
-    """Mean and Student-t confidence interval of the mean (files as independent units)."""
+def mean_ci(values: Iterable[float | None]) -> MeanCI:
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     if v.size < 2:
-        return MeanCI(int(v.size), float(v[0]) if v.size else None, None, None)
-    m, half = float(v.mean()), float(sps.t.ppf(0.5 + confidence / 2, v.size - 1) * sps.sem(v))
+        return MeanCI(int(v.size), float(v[0]) if v.size else None)
+    m, half = float(v.mean()), float(sps.t.ppf(0.975, v.size - 1) * sps.sem(v))
     return MeanCI(int(v.size), m, m - half, m + half)  # (t.interval gives NaN for zero spread)
 
 
 @dataclass
 class ChunkCurve:
-    """A per-chunk quantity across files: ``mean[i]`` (95% CI ``low[i]..high[i]``, ``n[i]`` files)
-    at chunk ``chunk_index[i]``."""
+    """A per-chunk quantity across files: at chunk ``chunk_index[i]``, ``mean[i]`` over ``n[i]`` files, 95% CI."""
 
     chunk_index: list[int]
     mean: list[float]
@@ -89,44 +75,36 @@ class ChunkCurve:
     n: list[int]
 
 
-def _by_file_chunk(results: Sequence[EvalResult], field_name: str) -> dict[tuple[str, int], float]:
-    """Mean over seeds of a chunk field per (file, chunk); null values are skipped."""
-    acc: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for f in (f for r in results for f in r.files):
-        for c in f.chunks:
-            if (v := getattr(c, field_name)) is not None:
-                acc[(f.file_id, c.chunk_index)].append(float(v))
-    return {k: float(np.mean(v)) for k, v in acc.items()}
-
-
 def chunk_curve(results: Sequence[EvalResult], field_name: str = "loss",
                 baseline: Sequence[EvalResult] | None = None) -> ChunkCurve | None:
-    """Per-chunk-index mean across files of a chunk field ("loss", "state_drift", ...); None when no
-    chunk has it. Seeds are averaged per (file, chunk) first.
+    """Mean across files, per chunk index, of a chunk field ("loss", "state_drift"), seeds averaged per
+    (file, chunk) first; None when no chunk has it. With ``baseline``: of the paired differences
+    ``results - baseline`` per (file, chunk), where the between-file spread cancels."""
 
-    baseline: the curve of the paired differences ``results - baseline`` per (file, chunk) instead
-    (pairs missing in either are skipped): the between-file spread that dominates the bands of
-    the plain curve cancels, so it shows where along a file the two differ.
-    """
-    ys = _by_file_chunk(results, field_name)
+    def by_key(rs: Sequence[EvalResult]) -> dict[tuple[str, int], float]:
+        acc: dict[tuple[str, int], list[float]] = defaultdict(list)
+        for fid, c in ((f.file_id, c) for r in rs for f in r.files for c in f.chunks):
+            if (v := getattr(c, field_name)) is not None:
+                acc[(fid, c.chunk_index)].append(float(v))
+        return {k: float(np.mean(v)) for k, v in acc.items()}
+
+    ys = by_key(results)
     if baseline is not None:
-        xs = _by_file_chunk(baseline, field_name)
+        xs = by_key(baseline)
         ys = {k: ys[k] - xs[k] for k in sorted(ys.keys() & xs.keys())}
     by_chunk: dict[int, list[float]] = defaultdict(list)
     for (_, k), v in ys.items():
         by_chunk[k].append(v)
     cis = [mean_ci(by_chunk[k]) for k in sorted(by_chunk)]
-    return ChunkCurve(sorted(by_chunk), [c.mean for c in cis], [c.low for c in cis], [c.high for c in cis],
-                      [c.n for c in cis]) if cis else None  # type: ignore[misc]
+    return ChunkCurve(sorted(by_chunk), *([getattr(c, a) for c in cis] for a in ("mean", "low", "high", "n"))) \
+        if cis else None
 
 
 @dataclass
 class Comparison:
-    """Paired comparison of arm Y against baseline X over files (differences are Y - X).
-
-    ``rel_change`` = (mean_y - mean_x) / mean_x; negative means Y has the lower (better) loss.
-    p-values and CIs are None when they cannot be computed; ``notes`` then says why.
-    """
+    """Paired comparison of arm Y against baseline X over files (differences Y - X); ``rel_change`` =
+    (mean_y - mean_x) / mean_x, negative when Y has the lower loss. None where a number cannot be
+    computed; ``notes`` says why. ``excluded``: files with a value in neither arm."""
 
     x_name: str
     y_name: str
@@ -140,55 +118,20 @@ class Comparison:
     rel_ci_high: float | None
     diff_ci_low: float | None
     diff_ci_high: float | None
-    wilcoxon_stat: float | None
     wilcoxon_p: float | None
     ttest_stat: float | None
     ttest_p: float | None
     decision: Decision
     verdict: str
-    metric: str = ""
-    subject: str = "persistence"
-    alpha: float = ALPHA
-    min_rel_improvement: float = MIN_REL_IMPROVEMENT
-    n_boot: int = 0
-    ci_method: str = ""
-    file_ids: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def _match(x: Mapping[str, float | None], y: Mapping[str, float | None], names: tuple[str, str]
-           ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """Pair values by file id; a file missing from either side is an error naming it."""
-    for a, b, (na, nb) in ((x, y, names), (y, x, names[::-1])):
-        if missing := [fid for fid in a if fid not in b]:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(f"file {missing[0]!r}{more} is in {na} but not in {nb}: arms must be evaluated on the "
-                             "same files")
-    ids = [fid for fid in x if x[fid] is not None or y[fid] is not None]
-    for fid in ids:
-        if x[fid] is None or y[fid] is None:
-            has, lacks = names[::-1] if x[fid] is None else names
-            raise ValueError(f"file {fid!r} has a value in {has} but none in {lacks}: the same file should give "
-                             "the same recall targets / chunks in every arm")
-    excluded = [fid for fid in x if fid not in ids]  # e.g. no recall targets in this file: nothing to compare
-    return ids, np.array([x[i] for i in ids], float), np.array([y[i] for i in ids], float), excluded
-
-
-def _bootstrap(xs: np.ndarray, ys: np.ndarray, n_boot: int, seed: int, notes: list[str]
-               ) -> tuple[list[float | None], str]:
-    """Paired bootstrap (resampling files) 95% CIs: ``[diff low, diff high, rel low, rel high]``, method."""
+def _bootstrap(xs: np.ndarray, ys: np.ndarray, n_boot: int, seed: int, notes: list[str]) -> list[float | None]:
+    """Paired bootstrap (files resampled) 95% CIs: ``[diff low, diff high, rel low, rel high]``."""
     if xs.size < 2:
         notes.append(f"no bootstrap CI: needs at least 2 files, have {xs.size}")
-        return [None] * 4, "none"
-    d = ys - xs
-    if np.ptp(d) == 0 and np.ptp(xs) == 0:  # every resample gives the same statistic: the point itself
-        rel = float(d[0] / xs[0]) if xs[0] != 0 else None
-        notes.append("bootstrap distribution is degenerate (all files identical): CI is the point estimate")
-        return [float(d[0]), float(d[0]), rel, rel], "degenerate"
+        return [None] * 4
 
     def statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         mx, my = x.mean(axis=axis), y.mean(axis=axis)
@@ -199,111 +142,88 @@ def _bootstrap(xs: np.ndarray, ys: np.ndarray, n_boot: int, seed: int, notes: li
             warnings.simplefilter("ignore")
             ci = sps.bootstrap((xs, ys), statistic, n_resamples=n_boot, paired=True, vectorized=True,
                                method=method, rng=np.random.default_rng(seed)).confidence_interval
-        if (np.all(np.isfinite(ci.low)) and np.all(np.isfinite(ci.high))) or method == "percentile":
+        if np.all(np.isfinite([ci.low, ci.high])) or method == "percentile":
             break
         notes.append("BCa bootstrap undefined for these data; percentile interval used")
-    vals = (ci.low[0], ci.high[0], ci.low[1], ci.high[1])
-    return [float(v) if np.isfinite(v) else None for v in vals], method
+    return [float(v) if np.isfinite(v) else None for v in (ci.low[0], ci.high[0], ci.low[1], ci.high[1])]
 
 
-def _tests(xs: np.ndarray, ys: np.ndarray, alpha: float, notes: list[str]) -> tuple[float | None, ...]:
-    """Two-sided Wilcoxon signed-rank and paired t-test on ``ys - xs``: (w, p_w, t, p_t)."""
-    d = ys - xs
-    nonzero = int(np.count_nonzero(d))
-    if nonzero == 0:
-        notes.append("all paired differences are zero: no difference to test (Wilcoxon p set to 1)")
-        w = (0.0, 1.0)
-    else:
-        if nonzero < d.size:
-            notes.append(f"{d.size - nonzero} zero difference(s) dropped by the Wilcoxon test (zero_method='wilcox')")
-        if nonzero < 6:
-            notes.append(f"only {nonzero} non-zero paired difference(s): the two-sided Wilcoxon test cannot reach "
-                         f"p < {alpha:g} (smallest possible p = {2.0 / 2**nonzero:.3g}); more files are needed")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = sps.wilcoxon(d, alternative="two-sided")
-        w = tuple(float(v) if math.isfinite(v) else None for v in (res.statistic, res.pvalue))
+def _tests(d: np.ndarray, notes: list[str]) -> list[float | None]:
+    """Two-sided Wilcoxon signed-rank and one-sample t-test of the paired differences: [p_w, t, p_t]."""
+    if (nonzero := int(np.count_nonzero(d))) == 0:
+        notes.append("all paired differences are zero: no difference to test (p-values set to 1)")
+        return [1.0, 0.0, 1.0] if d.size > 1 else [1.0, None, None]
+    if nonzero < d.size:
+        notes.append(f"{d.size - nonzero} zero difference(s) dropped by the Wilcoxon test (zero_method='wilcox')")
+    if nonzero < 6:
+        notes.append(f"only {nonzero} non-zero paired difference(s): the two-sided Wilcoxon test cannot reach "
+                     f"p < {ALPHA:g} (smallest possible p = {2.0 / 2**nonzero:.3g}); more files are needed")
     if d.size < 2:
         notes.append("no paired t-test: needs at least 2 files")
-        return (*w, None, None)
-    if np.ptp(d) == 0:
-        if d[0] == 0:
-            notes.append("paired t-test undefined: all differences are zero (p set to 1)")
-            return (*w, 0.0, 1.0)
-        notes.append("paired t-test: all differences are equal and non-zero (zero variance); t is infinite")
-        return (*w, math.copysign(math.inf, d[0]), 0.0)
-    t = sps.ttest_rel(ys, xs)
-    return (*w, float(t.statistic), float(t.pvalue))
+    with warnings.catch_warnings():  # all differences equal and non-zero: t is infinite, p 0
+        warnings.simplefilter("ignore")
+        t = sps.ttest_1samp(d, 0.0)
+        return [None if math.isnan(v) else float(v) for v in (sps.wilcoxon(d).pvalue, t.statistic, t.pvalue)]
 
 
 def decide(rel_change: float | None, median_diff: float, p: float | None, x_name: str, y_name: str,
-           subject: str = "persistence", alpha: float = ALPHA, min_rel: float = MIN_REL_IMPROVEMENT
-           ) -> tuple[Decision, str]:
-    """The decision rule on one comparison of losses (lower is better): ``(decision, verdict)``.
-
-    The verdict is a plain-language sentence that starts with "keep {subject}", "no significant
-    difference", "no consistent difference", "improvement below threshold" or "{subject} hurts".
-    """
-    if p is None or rel_change is None or p >= alpha:
-        ptxt = "not computable" if p is None else f"{p:.3g} >= {alpha:g}"
-        return "no significant difference", (
-            f"no significant difference between {y_name} and {x_name} (Wilcoxon p {ptxt}); "
-            f"by the decision rule keep the simpler {x_name}")
-    pct = f"{abs(rel_change):.1%}"
+           subject: str = "persistence") -> tuple[Decision, str]:
+    """The decision rule on one comparison of losses: ``(decision, verdict)``, a sentence that starts with the
+    decision ("keep {subject}", "no significant difference", "no consistent difference" for mixed, ...)."""
+    keep_x, ptxt = f"by the decision rule keep the simpler {x_name}", "n/a" if p is None else f"{p:.3g}"
+    if p is None or rel_change is None or p >= ALPHA:
+        return "no significant difference", (f"no significant difference between {y_name} and {x_name} (Wilcoxon p "
+                                             f"{ptxt} >= {ALPHA:g}); {keep_x}")
     if (rel_change < 0) != (median_diff < 0) or median_diff == 0:
-        return "mixed", (
-            f"no consistent difference: Wilcoxon p = {p:.3g} but the mean ({rel_change:+.1%}) and the median "
-            f"paired difference ({median_diff:+.4g}) disagree in sign (a few files dominate the mean); "
-            f"by the decision rule keep the simpler {x_name}")
-    if rel_change < -min_rel:
-        return "keep", (f"keep {subject}: {y_name} lowers the loss by {pct} relative to {x_name} "
-                        f"(Wilcoxon p = {p:.3g} < {alpha:g}, more than the {min_rel:.0%} threshold)")
+        return "mixed", (f"no consistent difference: Wilcoxon p = {ptxt} but the mean ({rel_change:+.1%}) and the "
+                         f"median paired difference ({median_diff:+.4g}) disagree in sign; {keep_x}")
+    if rel_change < -MIN_REL_IMPROVEMENT:
+        return "keep", (f"keep {subject}: {y_name} lowers the loss by {-rel_change:.1%} relative to {x_name} (Wilcoxon "
+                        f"p = {ptxt} < {ALPHA:g}, more than the {MIN_REL_IMPROVEMENT:.0%} threshold)")
     if rel_change < 0:
-        return "improvement below threshold", (
-            f"improvement below threshold: {y_name} is significantly better than {x_name} (Wilcoxon p = {p:.3g}) "
-            f"but only by {pct} (<= {min_rel:.0%}); by the decision rule keep the simpler {x_name}")
-    return "hurts", (f"{subject} hurts: {y_name} raises the loss by {pct} relative to {x_name} "
-                     f"(Wilcoxon p = {p:.3g} < {alpha:g}); keep {x_name}")
+        return "improvement below threshold", (f"improvement below threshold: {y_name} is better than {x_name} by "
+                                               f"only {-rel_change:.1%} (Wilcoxon p = {ptxt}); {keep_x}")
+    return "hurts", f"{subject} hurts: {y_name} raises the loss by {rel_change:.1%} (Wilcoxon p {ptxt}); keep {x_name}"
 
 
 def paired_comparison(x: Mapping[str, float | None], y: Mapping[str, float | None],
                       names: tuple[str, str] = ("X", "Y"), n_boot: int = 10000, seed: int = 0, *,
-                      metric: str = "", subject: str = "persistence", alpha: float = ALPHA,
-                      min_rel_improvement: float = MIN_REL_IMPROVEMENT) -> Comparison:
-    """Compare per-file losses of arm Y (``y``, e.g. persistent) against baseline X (``x``).
-
-    Args:
-        x, y: ``{file_id: value}``; files are paired by id (a file in one but not the other is an
-            error naming it). Files where both values are None (e.g. no recall targets) are
-            excluded and listed in ``excluded``.
-        names: display names of X and Y.
-        n_boot, seed: bootstrap resamples (files with replacement, pairs kept) and random seed.
-        metric, subject: recorded in the result; ``subject`` names what is kept or hurts in the
-            verdict ("persistence", "TTT", ...).
-        alpha, min_rel_improvement: the decision rule's thresholds (0.05 and 10% by the seeds).
-    """
-    ids, xs, ys, excluded = _match(x, y, names)
-    notes = [f"{len(excluded)} file(s) without a value in either arm excluded"] if excluded else []
+                      subject: str = "persistence") -> Comparison:
+    """Per-file losses ``{file_id: value}`` of arm Y (e.g. persistent) against baseline X, paired by id (a
+    file in one arm only, or valued in one arm only, is an error naming it); files valued in neither arm
+    (no recall target) are excluded. ``names``: of X and Y; ``n_boot``, ``seed``: bootstrap resamples and
+    seed; ``subject``: what the verdict keeps or finds hurting ("persistence", "TTT")."""
+    for a, b, (na, nb) in ((x, y, names), (y, x, names[::-1])):
+        if missing := [fid for fid in a if fid not in b]:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"file {missing[0]!r}{more} is in {na} but not in {nb}: arms must be evaluated on the "
+                             "same files")
+    ids = [fid for fid in x if x[fid] is not None or y[fid] is not None]
+    if (one := next((fid for fid in ids if x[fid] is None or y[fid] is None), None)) is not None:
+        has, lacks = names[::-1] if x[one] is None else names
+        raise ValueError(f"file {one!r} has a value in {has} but none in {lacks}: the same file should give the "
+                         "same recall targets / chunks in every arm")
     if not ids:
         raise ValueError(f"{names[1]} vs {names[0]}: no file has a value in both arms")
+    excluded = [fid for fid in x if fid not in ids]
+    notes = [f"{len(excluded)} file(s) without a value in either arm excluded"] if excluded else []
+    xs, ys = np.array([x[i] for i in ids], float), np.array([y[i] for i in ids], float)
     d = ys - xs
     mean_x, mean_y, median_diff = float(xs.mean()), float(ys.mean()), float(np.median(d))
-    rel = (mean_y - mean_x) / mean_x if mean_x != 0 else None
-    if rel is None:
+    if (rel := (mean_y - mean_x) / mean_x if mean_x != 0 else None) is None:
         notes.append("relative change undefined: mean of X is 0")
-    w_stat, w_p, t_stat, t_p = _tests(xs, ys, alpha, notes)
-    (dlo, dhi, rlo, rhi), method = _bootstrap(xs, ys, n_boot, seed, notes)
-    decision, verdict = decide(rel, median_diff, w_p, *names, subject, alpha, min_rel_improvement)
+    p_w, t, p_t = _tests(d, notes)
+    dlo, dhi, rlo, rhi = _bootstrap(xs, ys, n_boot, seed, notes)
+    decision, verdict = decide(rel, median_diff, p_w, *names, subject)
     if len(ids) < 6 and decision == "no significant difference":
         verdict += f" (with {len(ids)} file(s) no test can be significant: inconclusive, not evidence of no effect)"
     return Comparison(*names, len(ids), mean_x, mean_y, float(d.mean()), median_diff, rel, rlo, rhi, dlo, dhi,
-                      w_stat, w_p, t_stat, t_p, decision, verdict, metric, subject, alpha, min_rel_improvement,
-                      n_boot, method, ids, excluded, notes)
+                      p_w, t, p_t, decision, verdict, excluded, notes)
 
 
 @dataclass
 class SeedSpread:
-    """Spread of one number across training seeds (``std`` is the sample std, None for one seed)."""
+    """Spread of one number across training seeds (``std``: sample std, None for one seed)."""
 
     n: int
     mean: float
@@ -312,11 +232,8 @@ class SeedSpread:
     max: float
 
 
-def spread_across_seeds(values: Sequence[float] | Mapping[Any, float]) -> SeedSpread:
-    """Mean, sample standard deviation (ddof=1), min and max of a value measured once per seed."""
-    v = np.asarray([x for x in (values.values() if isinstance(values, Mapping) else values) if x is not None],
-                   dtype=np.float64)
-    if v.size == 0:
+def spread_across_seeds(values: Sequence[float] | Mapping[object, float]) -> SeedSpread:
+    if not (v := np.asarray(list(values.values() if isinstance(values, Mapping) else values), dtype=np.float64)).size:
         raise ValueError("spread_across_seeds: no values")
-    return SeedSpread(int(v.size), float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None,
+    return SeedSpread(v.size, float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None,
                       float(v.min()), float(v.max()))

@@ -1,1 +1,1 @@
-"""Training: typed config, the in-order chunk-stream loop, checkpoints and resume, DDP/FSDP, metrics."""
+"""Training: typed config, the in-order chunk-stream loop, checkpoints and resume, DDP/FSDP, metrics, the command."""

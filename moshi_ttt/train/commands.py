@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if (hint := missing_data(cfg)) is not None:
         print(f"error: {hint}", file=sys.stderr)
         return 2
-    # The evaluation layer gives this command its periodic evaluation (eval/commands.py: training
+    # The evaluation layer gives this command its periodic evaluation (eval/evaluate.py: training
     # imports nothing from evaluation).
     make_evaluator = getattr(args, "make_evaluator", None)
     trainer = Trainer(cfg, resume=args.resume, restart=getattr(args, "restart", False),

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the TTT-MLP operator: the same contract as ``ttt.ops``, on GPU.
+"""Fused Triton kernels for the TTT-MLP operator (sequence, streaming, support, aot, _common helpers), on GPU.
 
 Public API (the kernel modules are imported on first use, so importing this package never
 compiles or decorates a kernel):

@@ -41,32 +41,55 @@ def _tanh(x):
 
 
 @triton.jit
+def _gelu_t(x):
+    """(tanh(u), u') of gelu's ``u = sqrt(2/pi) (x + 0.044715 x^3)``: what gelu and its derivatives share."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return _tanh(u), 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+@triton.jit
 def _gelu(x):
     """tanh-approximated gelu."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (1.0 + _tanh(u))
+    t, _ = _gelu_t(x)
+    return 0.5 * x * (1.0 + t)
 
 
 @triton.jit
 def _gelu_d1(x):
     """(gelu(x), gelu'(x))."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    t = _tanh(u)
+    t, du = _gelu_t(x)
     return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 
 
 @triton.jit
 def _gelu_d2(x):
     """(gelu(x), gelu'(x), gelu''(x)); gelu'' = (1 - t^2) (u' - x t u'^2 + x u''/2)."""
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    t = _tanh(u)
+    t, du = _gelu_t(x)
     s = 1.0 - t * t
-    g = 0.5 * x * (1.0 + t)
-    g1 = 0.5 * (1.0 + t) + 0.5 * x * s * du
     g2 = s * (du - x * t * du * du + 3.0 * 0.7978845608028654 * 0.044715 * x * x)
-    return g, g1, g2
+    return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * s * du, g2
+
+
+@triton.jit
+def _add_dot(ptr, a, b, PREC: tl.constexpr):
+    """``*ptr += a @ b``: the MMA accumulates onto the loaded tile (one tile live; each element is
+    read and written by its own program, so no race)."""
+    acc = tl.load(ptr)
+    tl.store(ptr, tl.dot(a, b, acc, input_precision=PREC, out_dtype=acc.dtype))
+
+
+@triton.jit
+def _add_rowsum(ptr, x):
+    """``*ptr += x.sum(axis=1)`` (a bias gradient over the tokens of a tile)."""
+    tl.store(ptr, tl.load(ptr) + tl.sum(x, axis=1))
+
+
+@triton.jit
+def _store_end(w, s, value, closes, opens):
+    """A mini-batch's end value: to the weights ``w`` when it closes, to the sums ``s`` when the call
+    ends inside it (``opens``)."""
+    tl.store(w, value, mask=closes)
+    tl.store(s, value, mask=opens)
 
 
 @triton.jit

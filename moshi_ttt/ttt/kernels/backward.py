@@ -44,6 +44,8 @@ import triton.language as tl
 
 from ._common import (
     LN_EPS,
+    _add_dot,
+    _add_rowsum,
     _bh_offset,
     _gelu,
     _gelu_d1,
@@ -223,17 +225,14 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
         dgz2 += tl.dot(tl.trans(w2), dd, input_precision=PREC)
         # start-weight gradients (read-modify-write of each element by its own data: no race)
         # (the MMA accumulates onto the loaded tile: one [BF, D] tile live)
-        tl.store(dW1 + o1, tl.dot(dz1q, tl.trans(xq), tl.load(dW1 + o1), input_precision=PREC,
-                                  out_dtype=CT))
-        tl.store(db1 + f0 + cf, tl.load(db1 + f0 + cf) + tl.sum(dz1q, axis=1))
+        _add_dot(dW1 + o1, dz1q, tl.trans(xq), PREC)
+        _add_rowsum(db1 + f0 + cf, dz1q)
         acc2 = tl.dot(x2q, tl.trans(dz2q), tl.load(dW2 + o2), input_precision=PREC, out_dtype=CT)
         tl.store(dW2 + o2, tl.dot(dd, tl.trans(gz2), acc2, input_precision=PREC, out_dtype=CT))
         if first:
-            tl.store(dG1 + o1, tl.dot(-e1, tl.trans(xq), tl.load(dG1 + o1), input_precision=PREC,
-                                      out_dtype=CT))
-            tl.store(dg1 + f0 + cf, tl.load(dg1 + f0 + cf) - tl.sum(e1, axis=1))
-            tl.store(dG2 + o2, tl.dot(-x2q, tl.trans(e2), tl.load(dG2 + o2), input_precision=PREC,
-                                      out_dtype=CT))
+            _add_dot(dG1 + o1, -e1, tl.trans(xq), PREC)
+            _add_rowsum(dg1 + f0 + cf, -e1)
+            _add_dot(dG2 + o2, -x2q, tl.trans(e2), PREC)
     mb1 = tl.where(causal, mb1, 0.0)
     dxq -= tl.dot(xk, mb1, input_precision=PREC)
     dxk -= tl.dot(xq, tl.trans(mb1), input_precision=PREC)
@@ -262,11 +261,9 @@ def _mb_backward(xq, xk, xv_ptr, t, valid, stride_t, lr, eta, eta_last, dout, ca
                 - tl.dot(x2q, tl.trans(mb2), input_precision=PREC) + tl.load(DX2K + so))
         dz1k = dx2k * gp + tl.load(DGZ1 + so) * hk * gpp
         dxk += tl.dot(tl.trans(w1t), dz1k, input_precision=PREC)
-        tl.store(dW1 + o1, tl.dot(dz1k, tl.trans(xk), tl.load(dW1 + o1), input_precision=PREC,
-                                  out_dtype=CT))
-        tl.store(db1 + f0 + cf, tl.load(db1 + f0 + cf) + tl.sum(dz1k, axis=1))
-        tl.store(dW2 + o2, tl.dot(x2k, tl.trans(dz2k), tl.load(dW2 + o2), input_precision=PREC,
-                                  out_dtype=CT))
+        _add_dot(dW1 + o1, dz1k, tl.trans(xk), PREC)
+        _add_rowsum(db1 + f0 + cf, dz1k)
+        _add_dot(dW2 + o2, x2k, tl.trans(dz2k), PREC)
     return dxq, dxk, dxv, dlr, deta, dlast, dlnw, dlnb
 
 

@@ -53,6 +53,7 @@ from ._common import (
     _mb_tokens,
     _program,
     _slot,
+    _store_end,
     _tile_offsets,
 )
 
@@ -134,16 +135,13 @@ def _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
             accb += sc * tl.load(g1 + f0 + cf)
         new1 = tl.dot(sc * p1, tl.trans(xk), acc1, input_precision=PREC, out_dtype=CT)   # [BF, D] (W1^T tile)
         newb = accb + sc * tl.sum(p1, axis=1)
-        tl.store(wW1 + o1, new1, mask=closes)
-        tl.store(wb1 + f0 + cf, newb, mask=closes)
-        tl.store(S1 + o1, new1, mask=opens)
-        tl.store(s1 + f0 + cf, newb, mask=opens)
+        _store_end(wW1 + o1, S1 + o1, new1, closes, opens)
+        _store_end(wb1 + f0 + cf, s1 + f0 + cf, newb, closes, opens)
         acc2 = tl.load(rW2 + o2, mask=closes, other=0.0)
         if first:
             acc2 += sc * tl.load(G2 + o2)
         new2 = tl.dot(x2k, tl.trans(sc * p2), acc2, input_precision=PREC, out_dtype=CT)  # [BF, D]
-        tl.store(wW2 + o2, new2, mask=closes)
-        tl.store(S2 + o2, new2, mask=opens)
+        _store_end(wW2 + o2, S2 + o2, new2, closes, opens)
 
     accb2 = tl.load(rb2 + cd, mask=closes, other=0.0)
     if first:
@@ -158,8 +156,7 @@ def _mb_forward(xq, xk, xv, lr, eta, eta_last, causal, lnw, lnb,
         xh_o, _ = _ln_norm(z2q, D, EPS)
         out = xq + xh_o * lnw[:, None] + lnb[:, None]
     tl.debug_barrier()
-    tl.store(wb2 + cd, newb2, mask=closes)
-    tl.store(s2 + cd, newb2, mask=opens)
+    _store_end(wb2 + cd, s2 + cd, newb2, closes, opens)
     return out
 
 
