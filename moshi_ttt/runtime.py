@@ -41,12 +41,41 @@ def load_average() -> float | None:
         return None
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs since boot, from ``/proc/stat`` (Linux), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - fields[3] - fields[4], total
+
+
+def busy_cpus(window: float = 0.3, cpus: int | None = None) -> float | None:
+    """CPUs busy right now (measured over ``window`` seconds from ``/proc/stat``), or None where
+    the OS does not say. Unlike the 1-minute load average it does not remember a job that has just
+    ended (after ``pip install`` the load average reads about 1 on an idle machine)."""
+    a = _cpu_times()
+    if a is None:
+        return None
+    time.sleep(window)
+    b = _cpu_times()
+    if b is None or b[1] <= a[1]:
+        return None
+    # The busy fraction of the machine, scaled to this process's CPUs (a container's share).
+    return (b[0] - a[0]) / (b[1] - a[1]) * (cpus or cpu_count())
+
+
 def choose_threads(requested: int | None = None, cpus: int | None = None, load: float | None = None
                    ) -> tuple[int, str]:
     """How many torch threads to use, and why (one phrase).
 
     Priority: ``requested`` (a ``--threads`` flag), then ``MOSHI_TTT_THREADS``, then ``OMP_NUM_THREADS``,
-    then the cores that are free: ``cpus - load`` rounded, between 1 and ``cpus``.
+    then the cores that are free: ``cpus - load`` rounded, between 1 and ``cpus``, where ``load`` is
+    the CPUs busy now (:func:`busy_cpus`), or the 1-minute load average where that is unknown.
     """
     cpus = cpus if cpus is not None else cpu_count()
     if requested is not None and requested > 0:
@@ -55,11 +84,15 @@ def choose_threads(requested: int | None = None, cpus: int | None = None, load: 
         value = os.environ.get(env, "").strip()
         if value.isdigit() and int(value) > 0:
             return int(value), env
-    load = load if load is not None else load_average()
+    what = "load"
+    if load is None:
+        load, what = busy_cpus(cpus=cpus), "busy now"
+    if load is None:
+        load, what = load_average(), "load"
     if load is None:
         return cpus, "all CPUs (load unknown)"
     free = int(round(cpus - load))
-    return max(1, min(cpus, free)), f"free CPUs at load {load:.1f}"
+    return max(1, min(cpus, free)), f"free CPUs, {what} {load:.1f}"
 
 
 def setup_threads(requested: int | None = None, announce: bool = True, stream: Any = None) -> int:

@@ -23,6 +23,37 @@ def test_threads_use_the_free_cpus_and_respect_the_user(monkeypatch):
     assert runtime.choose_threads(4, cpus=2, load=0.0) == (4, "--threads")
 
 
+def test_busy_cpus_sees_a_busy_core_now(monkeypatch):
+    """The thread choice measures the CPUs busy now, not the 1-minute load average."""
+    import threading
+
+    idle = runtime.busy_cpus(window=0.2, cpus=2)
+    if idle is None:  # not Linux: the load average is the fallback
+        return
+    assert 0.0 <= idle <= 2.0
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        busy = runtime.busy_cpus(window=0.3, cpus=runtime.cpu_count())
+    finally:
+        stop.set()
+        t.join()
+    assert busy is not None and busy >= 0.6, busy   # the spinning thread keeps one CPU busy
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "busy_cpus", lambda cpus=None: 1.8)
+    assert runtime.choose_threads(cpus=2) == (1, "free CPUs, busy now 1.8")
+    monkeypatch.setattr(runtime, "busy_cpus", lambda cpus=None: None)
+    monkeypatch.setattr(runtime, "load_average", lambda: 0.2)
+    assert runtime.choose_threads(cpus=2) == (2, "free CPUs, load 0.2")
+
+
 def test_setup_threads_prints_the_choice_once(monkeypatch):
     import torch
 
