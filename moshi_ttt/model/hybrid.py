@@ -47,8 +47,17 @@ class TTTBlockState(State):
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
+        self.restart_memory(reset_mask, keep_conv=False)
+
+    def restart_memory(self, mask: torch.Tensor, keep_conv: bool = True) -> None:
+        """Samples in ``mask`` [B] bool get the learned initial fast weights (under autograd with
+        their graph to them); ``keep_conv`` keeps the convolution's input tail (local context, as
+        a periodic reset does), a file reset clears it."""
         assert self.memory is not None
-        self.store(select_state(reset_mask, fresh_state(self.initial, self.memory), self.memory))
+        fresh = fresh_state(self.initial, self.memory)
+        if keep_conv:
+            fresh.conv = self.memory.conv
+        self.store(select_state(mask, fresh, self.memory))
 
     def store(self, new: TTTState) -> None:
         """Make ``new`` the memory: in place when nothing needs a graph (stable addresses for CUDA
@@ -96,17 +105,13 @@ def set_memory_schedule(blocks: dict[int, TTTBlock], reset_every: int | None) ->
 
 
 def reset_memory(blocks: dict[int, TTTBlock], mask: torch.Tensor) -> None:
-    """Reset the fast weights of the samples in ``mask`` [B] bool to the learned initial weights,
-    keeping everything else (attention caches, the convolution's input tail, moshi's exec mask):
-    what a periodic reset of ``reset_every`` does, at a moment the caller chooses (training's
-    ``memory_dropout``). Under autograd the fresh memory keeps its graph to the initial weights."""
+    """Restart the fast weights of the samples in ``mask`` [B] bool, keeping everything else
+    (attention caches, the convolution's input tail, moshi's exec mask): what a periodic reset of
+    ``reset_every`` does, at a moment the caller chooses (training's ``memory_dropout``)."""
     for block in blocks.values():
-        st = block._streaming_state
-        if st is None or st.memory is None:
+        if block._streaming_state is None:
             raise RuntimeError("reset_memory: the model is not streaming")
-        fresh = fresh_state(st.initial, st.memory)
-        fresh.conv = st.memory.conv
-        st.store(select_state(mask, fresh, st.memory))
+        block._streaming_state.restart_memory(mask)
 
 
 @dataclass

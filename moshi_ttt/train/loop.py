@@ -191,6 +191,8 @@ class Trainer:
                                 reset_every=reset_every(cfg))
         self.runner.start()
         self._inner(self.step_module).runner = self.runner
+        # memory_dropout restarts kept memories only (a memory reset every chunk has nothing to drop).
+        self._dropout_blocks = ttt_blocks(self.model) if cfg.memory_dropout > 0 and cfg.ttt.persistent_states else {}
         if resume and self.dist.world_size > 1 and self.fsdp is None:
             raise ConfigError("resuming a multi-process run: run the same world size; the carried memory "
                               "of every rank's lanes is in the checkpoint of rank 0 only for now")
@@ -236,8 +238,8 @@ class Trainer:
         with recorded_calls(ttt_blocks(self.model) if probe else {}) as calls:  # forward only
             for i, batch in enumerate(batches):
                 batch = batch.to(self.device)
-                if cfg.memory_dropout > 0 and cfg.ttt.persistent_states and self.runner.reset_every is None:
-                    reset_memory(ttt_blocks(self.model), self._memory_dropout_mask(i))
+                if self._dropout_blocks:
+                    reset_memory(self._dropout_blocks, self._memory_dropout_mask(i))
                 text, ttgt, tmask, audio, atgt, amask = self.step_module(batch.codes, batch.reset, batch.valid)
                 w = weighted_sums(TokenLosses(text, ttgt, tmask, audio, atgt, amask), cfg.loss)
                 local.append(torch.stack([w.text_num, w.text_den, w.audio_num, w.audio_den]))
