@@ -25,6 +25,17 @@ def _reset_due(pos: torch.Tensor, reset_every: int, exec_mask: torch.Tensor | No
     return due if exec_mask is None else due & exec_mask.to(due.device)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StreamWeights:
+    """``TTTMLP._stream_weights``: fused inference weights and the parameter versions they were built from."""
+
+    key: tuple
+    w_in: torch.Tensor       # [3E + H, k dim]: wq, wk, wv (convolution taps folded in), lr gate
+    b_in: torch.Tensor       # [3E + H]
+    w_out: torch.Tensor      # [dim, E]: tanh(gating_alpha) * wo
+    token_idx: torch.Tensor  # [K]
+
+
 class TTTMLP(nn.Module):
     """Gated TTT-MLP memory.
 
@@ -233,6 +244,9 @@ class TTTMLP(nn.Module):
             update [B, T, dim] to add to the residual stream, and the new state.
         """
         B, T, _ = x.shape
+        if inplace and T == 1 and state is not None and impl == "auto" and not torch.is_grad_enabled() \
+                and x.device.type == "cpu" and not self.config.rope and self.config.kernels != "triton":
+            return self._cpu_step(x, state, exec_mask, reset_every), state
         fresh: TTTState | None = None
         if state is None:
             state = fresh = self.init_state(B)
@@ -284,6 +298,62 @@ class TTTMLP(nn.Module):
             mask = exec_mask.clone() if torch.is_grad_enabled() else exec_mask
             state = select_state(mask, state, old)
         return self.readout(out), state
+
+    # ------------------------------------------------------------------ one-frame step on CPU
+    def _stream_weights(self) -> _StreamWeights:
+        """The one-frame step's weights, fused (no grad): wq, wk, wv with their convolution taps
+        and the lr gate as one matrix over the input window ``[B, k dim]`` (frames oldest first),
+        the output gate folded into wo. Rebuilt whenever a parameter changes (its version counter)."""
+        conv = self.conv_weight if self.config.short_conv > 1 else None
+        params = (self.wq.weight, self.wk.weight, self.wv.weight, self.lr_gate.weight, self.lr_gate.bias,
+                  self.wo.weight, self.gating_alpha, self.learnable_token_idx, conv)
+        # In-place writes (optimizer steps, load_state_dict) bump the version; .to() moves the data.
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
+        cached = self.__dict__.get("_stream_cache")
+        if cached is not None and cached.key == key:
+            return cached
+        with torch.no_grad():
+            k, H = max(self.config.short_conv, 1), self.num_heads
+            blocks = []
+            for c, lin in enumerate((self.wq, self.wk, self.wv)):  # [E, k, dim]: tap j of frame j
+                taps = conv[c].t() if conv is not None else lin.weight.new_ones(1, self.dim)
+                blocks.append(lin.weight.unsqueeze(1) * taps.unsqueeze(0))
+            gate = self.lr_gate.weight.new_zeros(H, k, self.dim)
+            gate[:, -1] = self.lr_gate.weight                    # the lr gate reads the current frame
+            w_in = torch.cat([*blocks, gate]).flatten(1)         # [3E + H, k dim]
+            b_in = torch.cat([self.lr_gate.bias.new_zeros(3 * self.inner_dim), self.lr_gate.bias])
+            cached = _StreamWeights(key, w_in, b_in, self.gate().unsqueeze(1) * self.wo.weight,
+                                    self.token_idx())
+        self.__dict__["_stream_cache"] = cached  # a plain attribute: not a parameter, buffer or state
+        return cached
+
+    def _cpu_step(self, x: torch.Tensor, state: TTTState, exec_mask: torch.Tensor | None,
+                  reset_every: int | None) -> torch.Tensor:
+        """``forward`` for one frame per sample without autograd on CPU, ``state`` (the caller's)
+        updated in place: the same math as ``project`` + ``ttt_step_`` + ``readout`` with the
+        fused weights of ``_stream_weights``. At streaming sizes each op costs more than its
+        arithmetic (a GPU runs the step as one CUDA graph instead). x [B, 1, dim] -> [B, 1, dim]."""
+        B = x.shape[0]
+        H, d, E = self.num_heads, self.head_dim, self.inner_dim
+        sw = self._stream_weights()
+        u = x if state.conv is None else torch.cat([state.conv.to(x.dtype), x], 1)   # [B, k, dim]
+        proj = F.linear(u.reshape(B, -1), sw.w_in, sw.b_in)                           # [B, 3E + H]
+        qk = proj[:, :2 * E].view(B, 2, H, 1, d)
+        if self.config.qk_l2_norm:
+            qk = F.normalize(qk, dim=-1)
+        xv = proj[:, 2 * E:3 * E].view(B, H, 1, d)
+        lr = torch.sigmoid(proj[:, 3 * E:]).mul_(self.config.base_lr / d).unsqueeze(-1)  # [B, H, 1]
+        core = state.core()
+        if reset_every is not None:  # a sample that does not execute keeps its state exactly
+            reset_state_(core, self.base_weights(), _reset_due(core.pos, reset_every, exec_mask))
+        out = ttt_step_(qk[:, 0], qk[:, 1], xv, lr, self.ttt_norm_weight, self.ttt_norm_bias, core,
+                        self.config.mini_batch_size, sw.token_idx, exec_mask=exec_mask, kernels=self.config.kernels)
+        if state.conv is not None:  # the convolution's tail, in place (exec mask honoured)
+            tail = u[:, 1:]
+            keep = exec_mask.view(-1, 1, 1) if exec_mask is not None else None
+            state.conv.copy_(tail if keep is None else torch.where(keep, tail, state.conv))
+        y = F.layer_norm(out.reshape(B, 1, E), (E,), self.post_norm.weight, self.post_norm.bias, self.post_norm.eps)
+        return F.linear(y, sw.w_out)
 
     # ------------------------------------------------------------------ diagnostics
     @torch.no_grad()

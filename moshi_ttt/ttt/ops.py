@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .dual import _one, dual_same_offset
+from .dual import dual_same_offset
 from .state import TTTState, init_state
 
 __all__ = ["init_state", "ttt_mlp", "ttt_mlp_dual", "ttt_mlp_dual_autograd", "ttt_mlp_token", "ttt_mlp_step_",
@@ -294,17 +294,14 @@ def ln_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torc
     return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=LN_EPS), weight)
 
 
-def _token_readout(xq, xk, x2k, gz1, gz2, eta, W1, b1, W2, b2, G1, g1, G2, g2):
-    """Pre-norm output of one token with ``W_t = W0 - eta * (G + own gradient)``, never forming
-    W_t: ``x W_t = x W0 - eta (x G + (x . x_k + 1) * own gradient)``. Shapes as ``_token_grads``;
-    eta [N, 1, 1]. Returns z2q [N, 1, d]."""
-    one = _one(xq)
-    a1 = torch.baddbmm(one, xq, xk.transpose(1, 2))
-    in1 = torch.baddbmm(g1, xq, G1).addcmul_(a1, gz1)
-    x2q = gelu_tanh(torch.baddbmm(b1, xq, W1).addcmul_(eta, in1, value=-1.0))
-    a2 = torch.baddbmm(one, x2q, x2k.transpose(1, 2))
-    in2 = torch.baddbmm(g2, x2q, G2).addcmul_(a2, gz2)
-    return torch.baddbmm(b2, x2q, W2).addcmul_(eta, in2, value=-1.0)
+def _token_readout(xq, eta, W1, b1, W2, b2, S1, s1, S2, s2):
+    """Pre-norm output of one token per row with ``W_t = W0 - eta * S``, S the running sums with
+    the token's own gradient already added. xq [N, 1, d]; eta [N or 1, 1, 1]; W*, S* [N, ...]
+    (N = B * H). Returns z2q [N, 1, d]. (Forming W_t costs four weight-sized ops, fewer than
+    the dual form's expansion ``x W0 - eta (x G + (x . x_k + 1) * own gradient)`` at one token.)"""
+    x2q = gelu_tanh(torch.baddbmm(torch.addcmul(b1, eta, s1, value=-1.0), xq,
+                                  torch.addcmul(W1, eta, S1, value=-1.0)))
+    return torch.baddbmm(torch.addcmul(b2, eta, s2, value=-1.0), x2q, torch.addcmul(W2, eta, S2, value=-1.0))
 
 
 def _flat_state(state: TTTState, N: int, cache: bool = False) -> tuple[list, list]:
@@ -326,16 +323,29 @@ def _flat_state(state: TTTState, N: int, cache: bool = False) -> tuple[list, lis
 
 def _flat_step_inputs(xq, xk, xv, lr, ln_w, state: TTTState, K: int, token_idx: torch.Tensor,
                       cache: bool = False):
-    """[B, H, 1, .] inputs and the state as [N, ...] views; eta, closing flags per sample."""
+    """[B, H, 1, .] inputs and the state as [N, ...] views; eta, closing flags per sample.
+
+    ``closes`` is [B, 1, 1, 1] bool, or a Python bool when every sample is at the same position
+    and that was read for free (CPU, ``cache``: the in-place step): one slice instead of index ops."""
     B, H, _, d = xq.shape
     N = B * H
-    p = state.pos % K                                              # [B]
-    closes = (p == K - 1).view(B, 1, 1, 1)
-    eta, lw2 = token_idx[p], ln_w * ln_w                           # [B], [H, 1, d]
-    if B == 1:  # broadcasts over the heads as it is
-        eta = eta.view(1, 1, 1)
-    else:  # [N, 1, .], sample-major
-        eta, lw2 = eta.view(B, 1).expand(B, H).reshape(N, 1, 1), lw2.repeat(B, 1, 1)
+    lw2 = ln_w * ln_w                                              # [H, 1, d]
+    same = None
+    if cache and xq.device.type == "cpu":  # reading the positions costs nothing on CPU
+        p_host = state.pos.tolist()
+        if all(p == p_host[0] for p in p_host):
+            same = p_host[0] % K
+    if same is not None:
+        eta, closes = token_idx[same:same + 1].view(1, 1, 1), same == K - 1
+    else:
+        p = state.pos % K                                          # [B]
+        closes = (p == K - 1).view(B, 1, 1, 1)
+        eta = token_idx[p]                                         # [B]
+        eta = eta.view(1, 1, 1) if B == 1 else eta.view(B, 1).expand(B, H).reshape(N, 1, 1)
+    if B > 1:  # [N, 1, .], sample-major
+        if same is not None:
+            eta = eta.expand(N, 1, 1)
+        lw2 = lw2.repeat(B, 1, 1)
     W, G = _flat_state(state, N, cache)
     return (xq.reshape(N, 1, d), xk.reshape(N, 1, d), xv.reshape(N, 1, d), lr.reshape(N, 1, 1), lw2, eta,
             closes, W, G)
@@ -346,11 +356,10 @@ def _token_step(xq, xk, xv, lr, ln_w, ln_b, state: TTTState, K: int, token_idx: 
     B, H, _, d = xq.shape
     xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq, xk, xv, lr, ln_w, state, K, token_idx)
     x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
-    z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
-    out = xq + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
-
     sums = (torch.baddbmm(G[0], xk3.transpose(1, 2), gz1), G[1] + gz1,
             torch.baddbmm(G[2], x2k.transpose(1, 2), gz2), G[3] + gz2)
+    z2q = _token_readout(xq3, eta, *W, *sums)
+    out = xq + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
     sums = [s.view(B, H, *s.shape[1:]) for s in sums]
     # A closing sample moves W0 to W_{K-1} and restarts its sums (same ops as the in-place step).
     negc = -(closes.to(xq.dtype) * token_idx[K - 1])
@@ -377,37 +386,46 @@ def ttt_mlp_step_(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torc
     K = mini_batch_size
     dt, token_idx, ln_w, ln_b = _in_state_dtype(xq, ln_weight, ln_bias, state, K, token_idx)
     B, H, _, d = xq.shape
-    xq_, xk_, xv_, lr_ = (t.to(dt) for t in (xq, xk, xv, lr))
+    xq_, xk_, xv_, lr_ = (t if t.dtype == dt else t.to(dt) for t in (xq, xk, xv, lr))
     xq3, xk3, xv3, lr3, lw2, eta, closes, W, G = _flat_step_inputs(xq_, xk_, xv_, lr_, ln_w, state, K, token_idx,
                                                                    cache=True)
     x2k, gz1, gz2 = _token_grads(xk3, xv3, lr3, lw2, *W)
-    z2q = _token_readout(xq3, xk3, x2k, gz1, gz2, eta, *W, *G)
-    out = xq_ + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
-
     step = 1
     on_cpu = xq.device.type == "cpu"
     if on_cpu and exec_mask is not None and bool(exec_mask.all()):
         exec_mask = None  # CPU: reading the mask is free, and all-true is the usual case
-    if exec_mask is not None:  # a sample that does not execute adds nothing and does not close
+    xkT, x2kT = xk3.transpose(1, 2), x2k.transpose(1, 2)
+    if exec_mask is None:  # the sums take the token's gradient in place; the readout uses them
+        G[0].baddbmm_(xkT, gz1)
+        G[1].add_(gz1)
+        G[2].baddbmm_(x2kT, gz2)
+        G[3].add_(gz2)
+        z2q = _token_readout(xq3, eta, *W, *G)
+    else:  # a sample that does not execute is read out all the same, but adds nothing and does not close
+        S = (torch.baddbmm(G[0], xkT, gz1), G[1] + gz1, torch.baddbmm(G[2], x2kT, gz2), G[3] + gz2)
+        z2q = _token_readout(xq3, eta, *W, *S)
         ex = exec_mask.to(device=xq.device)
-        e = ex.to(dt).view(B, 1, 1, 1).expand(B, H, 1, 1).reshape(B * H, 1, 1)
-        gz1, gz2 = gz1 * e, gz2 * e
-        closes = closes & ex.view(B, 1, 1, 1)
+        e = ex.view(B, 1, 1, 1).expand(B, H, 1, 1).reshape(B * H, 1, 1)
+        for g, s_new in zip(G, S):
+            g.copy_(torch.where(e, s_new, g))
+        closes = ex.view(B, 1, 1, 1) & closes
         step = ex.long()
-    G[0].baddbmm_(xk3.transpose(1, 2), gz1)
-    G[1].add_(gz1)
-    G[2].baddbmm_(x2k.transpose(1, 2), gz2)
-    G[3].add_(gz2)
+    out = xq_ + ln_affine(z2q.view(B, H, 1, d), ln_w, ln_b)
     # On CPU reading a flag costs nothing (no device to wait for): skip the K - 1 of K steps
     # where no sample closes. Elsewhere the update always runs (no host sync, CUDA graphs).
-    if not on_cpu or bool(closes.any()):
+    if closes is True:  # every sample closes (a Python bool: positions read on CPU)
+        eta_last = token_idx[K - 1]
+        for w, s in zip(state.weights(), state.sums()):
+            w.addcmul_(s, eta_last, value=-1.0)
+            s.zero_()
+    elif closes is not False and (not on_cpu or bool(closes.any())):
         negc = -(closes.to(dt) * token_idx[K - 1])
         keep = (~closes).to(dt)
         for w, s in zip(state.weights(), state.sums()):
             w.addcmul_(s, negc)
             s.mul_(keep)
     state.pos.add_(step)
-    return out.to(xq.dtype)
+    return out if out.dtype == xq.dtype else out.to(xq.dtype)
 
 
 # ----------------------------------------------------------------------------- the operator
