@@ -98,6 +98,11 @@ def choose_threads(requested: int | None = None, cpus: int | None = None, load: 
 def setup_threads(requested: int | None = None, announce: bool = True, stream: Any = None) -> int:
     """Set torch's intra-op threads with :func:`choose_threads` and print one line saying so.
 
+    Also flushes subnormal floats to zero on the CPU (``torch.set_flush_denormal``), as GPUs do:
+    aten's tanh-gelu on CPU slows down up to 25x on inputs whose intermediates underflow (large or
+    tiny magnitudes, measured 29 us -> 200-790 us on 16k floats), which the TTT memory's fast
+    weights produce in training (the main job's step: 17% faster flushed).
+
     Returns the number of threads. The line names the variable that changes it, so a user who sees
     a slow run on a loaded machine knows what to try.
     """
@@ -106,9 +111,11 @@ def setup_threads(requested: int | None = None, announce: bool = True, stream: A
     global _ANNOUNCED
     n, why = choose_threads(requested)
     torch.set_num_threads(n)
+    flushed = torch.set_flush_denormal(True)
     if announce and _ANNOUNCED != n:
         _ANNOUNCED = n
-        print(f"threads: {n} of {cpu_count()} CPUs ({why}; set {THREADS_ENV}=N to choose)",
+        ftz = "; subnormal floats flushed to zero" if flushed else ""
+        print(f"threads: {n} of {cpu_count()} CPUs ({why}; set {THREADS_ENV}=N to choose){ftz}",
               file=stream or sys.stderr)
     return n
 
