@@ -2,7 +2,10 @@
 
 For the same config, input length and batch:
 * training forward+backward time (all parameters trainable, as moshi-finetune's full fine-tune)
-  and peak memory, and training tokens/s;
+  and peak memory, and training tokens/s, on two paths: moshi's full-sequence forward (what
+  moshi-finetune runs on stock moshi) and the path moshi-ttt's trainer runs (the T frames as one
+  training span in chunks of ``chunk_frames`` through ``ChunkedLM``, streaming state carried; its
+  stock arm is moshi with the chunk-capable attention cache and no TTT, trained the same way);
 * ``LMGen.step`` latency at the given batch sizes.
 On CPU the two arms are measured in alternation, step by step (both models in memory), so that
 the load of a shared machine weighs on both alike; on a GPU one after the other.
@@ -16,6 +19,7 @@ only mean something on the GPU named in the output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,7 +31,8 @@ from typing import Any
 import torch
 
 from ..model.build import build_lm, moshi_7b_lm_kwargs, tiny_lm_kwargs
-from ..model.loss import lm_loss
+from ..model.chunked import ChunkedLM
+from ..model.loss import WeightedSums, combine, lm_loss, weighted_sums
 from ..model.presets import mid_lm_kwargs, moshi_7b_ttt_kwargs
 from ..runtime import load_average, load_warning, machine_state
 from ..ttt.config import TTTConfig
@@ -38,6 +43,7 @@ from .common import device_name
 class ModelBenchConfig:
     preset: str = "auto"            # "tiny", "mid", "7b" or "auto" (7b with CUDA, tiny without)
     seq_len: int | None = None      # frames; default 3000 (7b) / 256 (tiny, mid)
+    chunk_frames: int | None = None  # the trainer's chunks; default 750 (7b) / 64 (tiny, mid), as the configs
     batch: int = 1
     ttt_layers: Any = None          # None: the preset's default layout (PRESET_TTT)
     ttt_heads: int | None = None    # TTT heads / head dim; None: the preset's default
@@ -118,21 +124,58 @@ def _train_step(model, cfg: ModelBenchConfig, T: int, device):
     return step
 
 
+def _trainer_step(model, cfg: ModelBenchConfig, T: int, device):
+    """One training forward+backward as ``Trainer.train_step`` runs it: the T frames as one span
+    (``bptt_chunks`` = T / chunk) of ``chunk_frames`` chunks through ``ChunkedLM``, the streaming
+    state carried from the previous step, the token-mean loss of the span. Returns the step as a
+    closure and the function that ends the streaming session."""
+    model.train()
+    codes = _codes(model, cfg.batch, T, device)
+    runner = ChunkedLM(model, cfg.batch)
+    runner.start()
+    C = cfg.chunk_frames
+
+    def step():
+        runner.cut()
+        sums = []
+        for c0 in range(0, T, C):
+            w = weighted_sums(runner.step(codes[:, :, c0:c0 + C]).losses)
+            sums.append(torch.stack([w.text_num, w.text_den, w.audio_num, w.audio_den]))
+        combine(WeightedSums(*torch.stack(sums).sum(0))).total.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step, runner.close
+
+
 def _summary(times: list[float]) -> tuple[float, float]:
     """(median, p90) of a list of times."""
     return statistics.median(times), sorted(times)[int(0.9 * len(times))]
 
 
-def bench_train(model, cfg: ModelBenchConfig, T: int, device) -> dict[str, Any]:
+def bench_train(model, cfg: ModelBenchConfig, T: int, device, trainer_path: bool = False) -> dict[str, Any]:
     timer = Timer(device)
-    step = _train_step(model, cfg, T, device)
+    step, close = _trainer_step(model, cfg, T, device) if trainer_path else (_train_step(model, cfg, T, device), None)
     for _ in range(cfg.warmup):
         step()
     _peak_reset(device)
     times = [timer(step) for _ in range(cfg.train_iters)]
+    if close is not None:
+        close()
     t = statistics.median(times)
     return {"fwd_bwd_s": t, "tokens_per_s": cfg.batch * T / t, "peak_gib": _peak_gib(device),
             "fwd_bwd_cpu_s": statistics.median(timer.cpu_times) if timer.cpu_times else None}
+
+
+def _alternate(steps: dict[str, Any], cfg: ModelBenchConfig, timer: Timer) -> dict[str, list[float]]:
+    """Warm up, then time the arms' steps in alternation (a changing load weighs on all alike)."""
+    for _ in range(cfg.warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {arm: [] for arm in steps}
+    for _ in range(cfg.train_iters):
+        for arm, step in steps.items():
+            times[arm].append(timer(step))
+    return times
 
 
 def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
@@ -152,10 +195,12 @@ def bench_gen(model, B: int, cfg: ModelBenchConfig, device) -> dict[str, Any]:
             "step_cpu_ms": 1000 * statistics.median(cpu) if cpu else None}
 
 
-def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, device) -> dict[str, dict[str, Any]]:
+def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, device,
+                      chunked: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Both arms measured in alternation (stock step, TTT step, stock step, ...), so that a load
     that changes during the run (a shared machine) weighs on both arms alike. Needs both models in
-    memory at once: the default on CPU, not at 7B on a GPU."""
+    memory at once: the default on CPU, not at 7B on a GPU. ``chunked``: the models of the
+    trainer's path (stock: chunk-capable, no TTT), timed the same way as ``train_chunked``."""
     from contextlib import ExitStack
 
     from moshi.models import LMGen
@@ -163,17 +208,17 @@ def bench_interleaved(models: dict[str, Any], cfg: ModelBenchConfig, T: int, dev
     timer = Timer(device)
     out: dict[str, dict[str, Any]] = {arm: {} for arm in models}
     if not cfg.skip_train:
-        steps = {arm: _train_step(m, cfg, T, device) for arm, m in models.items()}
-        for _ in range(cfg.warmup):
-            for step in steps.values():
-                step()
-        times: dict[str, list[float]] = {arm: [] for arm in models}
-        for _ in range(cfg.train_iters):
-            for arm, step in steps.items():
-                times[arm].append(timer(step))
-        for arm in models:
-            t = statistics.median(times[arm])
-            out[arm]["train"] = {"fwd_bwd_s": t, "fwd_bwd_min_s": min(times[arm]),
+        paths = [("train", {arm: _train_step(m, cfg, T, device) for arm, m in models.items()}, [])]
+        if chunked is not None:
+            made = {arm: _trainer_step(m, cfg, T, device) for arm, m in chunked.items()}
+            paths.append(("train_chunked", {arm: s for arm, (s, _) in made.items()}, [c for _, c in made.values()]))
+        for key, steps, closers in paths:
+            times = _alternate(steps, cfg, timer)
+            for close in closers:
+                close()
+            for arm in models:
+                t = statistics.median(times[arm])
+                out[arm][key] = {"fwd_bwd_s": t, "fwd_bwd_min_s": min(times[arm]),
                                  "tokens_per_s": cfg.batch * T / t, "peak_gib": None, "times_s": times[arm],
                                  "load_1min": load_average()}
     if not cfg.skip_gen:
@@ -209,6 +254,8 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
     T = cfg.seq_len or (3000 if preset == "7b" else 256)
+    if cfg.chunk_frames is None:
+        cfg = dataclasses.replace(cfg, chunk_frames=min(T, 750 if preset == "7b" else 64))
     layout = dict(PRESET_TTT[preset])
     for key, value in (("layers", cfg.ttt_layers), ("num_heads", cfg.ttt_heads), ("head_dim", cfg.ttt_head_dim)):
         if value is not None:
@@ -228,11 +275,15 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         for arm, tcfg in arms.items():
             torch.manual_seed(0)
             models[arm] = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
-        measured = bench_interleaved(models, cfg, T, device)
+        torch.manual_seed(0)  # the trainer's path: stock with the chunk-capable cache (same init)
+        chunked = {"stock": build_lm(lm_kwargs, arms["stock"], device=device, dtype=dtype, chunkable=True),
+                   "ttt": models["ttt"]}
+        measured = bench_interleaved(models, cfg, T, device, chunked=None if cfg.skip_train else chunked)
         for arm, model in models.items():
             results["arms"][arm] = {"ttt_layers": model.ttt_layers,
                                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **measured[arm]}
         results["load_1min_end"] = load_average()
+        results["load_average_end"] = _load_average()
         results["ratios"] = _ratios(results["arms"])
         return results
     for arm, tcfg in arms.items():
@@ -245,6 +296,13 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         if not cfg.skip_gen:
             r["gen"] = {str(B): {**bench_gen(model, B, cfg, device), "load_1min": load_average()}
                         for B in cfg.gen_batches}
+        if not cfg.skip_train:
+            if arm == "stock":  # the trainer's path needs the chunk-capable cache (same init)
+                del model
+                torch.manual_seed(0)
+                model = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype, chunkable=True)
+            r["train_chunked"] = {**bench_train(model, cfg, T, device, trainer_path=True),
+                                  "load_1min": load_average()}
         results["arms"][arm] = r
         del model
         if device.type == "cuda":
@@ -267,12 +325,13 @@ def _load_average() -> list[float] | None:
 def _ratios(arms: dict[str, Any]) -> dict[str, float]:
     s, t = arms["stock"], arms["ttt"]
     out = {}
-    if "train" in s:
-        out["train_fwd_bwd_time"] = t["train"]["fwd_bwd_s"] / s["train"]["fwd_bwd_s"]
-        if s["train"].get("fwd_bwd_cpu_s"):
-            out["train_fwd_bwd_cpu_time"] = t["train"]["fwd_bwd_cpu_s"] / s["train"]["fwd_bwd_cpu_s"]
-        if s["train"]["peak_gib"]:
-            out["train_peak_memory"] = t["train"]["peak_gib"] / s["train"]["peak_gib"]
+    for key, name in (("train", "train"), ("train_chunked", "trainer_path")):
+        if key in s:
+            out[f"{name}_fwd_bwd_time"] = t[key]["fwd_bwd_s"] / s[key]["fwd_bwd_s"]
+            if s[key].get("fwd_bwd_cpu_s"):
+                out[f"{name}_fwd_bwd_cpu_time"] = t[key]["fwd_bwd_cpu_s"] / s[key]["fwd_bwd_cpu_s"]
+            if s[key]["peak_gib"]:
+                out[f"{name}_peak_memory"] = t[key]["peak_gib"] / s[key]["peak_gib"]
     for B in s.get("gen", {}):
         out[f"lmgen_step_B{B}"] = t["gen"][B]["step_ms"] / s["gen"][B]["step_ms"]
         if s["gen"][B].get("step_cpu_ms"):
@@ -290,34 +349,41 @@ def format_table(res: dict[str, Any]) -> str:
             "(load at each figure in the JSON)",
             f"preset {res['preset']}, {res['dtype']}, T={res['seq_len']} frames, "
             f"TTT in layers {t['ttt_layers']}{width}",
-            f"{'measure':34s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
+            f"{'measure':52s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
 
     def row(name, a, b, fmt="{:.4g}"):
         ratio = f"{b / a:8.2f}x" if a and b else "      n/a"
-        rows.append(f"{name:34s}{fmt.format(a) if a is not None else 'n/a':>12s}"
+        rows.append(f"{name:52s}{fmt.format(a) if a is not None else 'n/a':>12s}"
                     f"{fmt.format(b) if b is not None else 'n/a':>12s}{ratio}")
 
     row("parameters (M)", s["params_m"], t["params_m"])
-    if "train" in s:
-        row("train fwd+bwd (s)", s["train"]["fwd_bwd_s"], t["train"]["fwd_bwd_s"])
-        if "fwd_bwd_min_s" in s["train"]:
-            row("train fwd+bwd (s, fastest)", s["train"]["fwd_bwd_min_s"], t["train"]["fwd_bwd_min_s"])
-        if s["train"].get("fwd_bwd_cpu_s"):
-            row("train fwd+bwd, CPU time (s)", s["train"]["fwd_bwd_cpu_s"], t["train"]["fwd_bwd_cpu_s"])
-        row("train tokens/s", s["train"]["tokens_per_s"], t["train"]["tokens_per_s"])
-        row("train peak memory (GiB)", s["train"]["peak_gib"], t["train"]["peak_gib"])
+    chunk = res["config"].get("chunk_frames")
+    for key, name in (("train", "train fwd+bwd, full sequence"),
+                      ("train_chunked", f"train, trainer's path ({chunk}-f chunks)")):
+        if key not in s:
+            continue
+        row(f"{name} (s)", s[key]["fwd_bwd_s"], t[key]["fwd_bwd_s"])
+        if "fwd_bwd_min_s" in s[key]:
+            row(f"{name} (s, fastest)", s[key]["fwd_bwd_min_s"], t[key]["fwd_bwd_min_s"])
+        if s[key].get("fwd_bwd_cpu_s"):
+            row(f"{name}, CPU time (s)", s[key]["fwd_bwd_cpu_s"], t[key]["fwd_bwd_cpu_s"])
+        row(f"{name} tokens/s", s[key]["tokens_per_s"], t[key]["tokens_per_s"])
+        row(f"{name} peak memory (GiB)", s[key]["peak_gib"], t[key]["peak_gib"])
     for B in s.get("gen", {}):
         row(f"LMGen.step B={B} (ms, median)", s["gen"][B]["step_ms"], t["gen"][B]["step_ms"])
         if "step_ms_min" in s["gen"][B]:
             row(f"LMGen.step B={B} (ms, fastest)", s["gen"][B]["step_ms_min"], t["gen"][B]["step_ms_min"])
+        if s["gen"][B].get("step_cpu_ms"):
+            row(f"LMGen.step B={B}, CPU time (ms)", s["gen"][B]["step_cpu_ms"], t["gen"][B]["step_cpu_ms"])
+    if "train_chunked" in s:
+        rows.append("(trainer's path: the T frames as one training span through ChunkedLM, state carried; "
+                    "its stock arm is moshi with the chunk-capable attention cache, no TTT)")
     if res["device"].startswith("CPU"):
         rows.append("(CPU: peak memory is measured on CUDA only; CPU times are not GPU estimates)")
     if res.get("interleaved"):
         rows.append("(arms measured in alternation, step by step: a changing machine load weighs on both alike)")
     if res.get("load_warning"):
         rows.append(res["load_warning"])
-        if s["gen"][B].get("step_cpu_ms"):
-            row(f"LMGen.step B={B}, CPU time (ms)", s["gen"][B]["step_cpu_ms"], t["gen"][B]["step_cpu_ms"])
     if res["device"].startswith("CPU"):
         load = res.get("load_average"), res.get("load_average_end")
         if load[0]:
@@ -329,6 +395,8 @@ def format_table(res: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["auto", "tiny", "mid", "7b"], default="auto")
     p.add_argument("--seq-len", type=int, default=None, help="frames per training sequence")
+    p.add_argument("--chunk-frames", type=int, default=None,
+                   help="the trainer's chunk length for the trainer-path rows (default: 64; 750 at 7B)")
     p.add_argument("--batch", type=int, default=1, help="training batch size")
     p.add_argument("--ttt-layers", default=None, help="'middle', 'all', 'every:K' or '3,5,7' "
                    "(default: the preset's layout)")
@@ -349,7 +417,8 @@ def from_args(args: argparse.Namespace) -> ModelBenchConfig:
     layers: Any = args.ttt_layers
     if layers is not None and ("," in layers or layers.isdigit()):
         layers = [int(x) for x in layers.split(",")]
-    return ModelBenchConfig(preset=args.preset, seq_len=args.seq_len, batch=args.batch, ttt_layers=layers,
+    return ModelBenchConfig(preset=args.preset, seq_len=args.seq_len, chunk_frames=args.chunk_frames,
+                            batch=args.batch, ttt_layers=layers,
                             ttt_heads=args.ttt_heads, ttt_head_dim=args.ttt_head_dim,
                             train_iters=args.iters, gen_steps=args.gen_steps,
                             gen_batches=[int(b) for b in args.gen_batches.split(",")], dtype=args.dtype,
