@@ -36,15 +36,9 @@ from .results import LOSS_DEFINITION, Corpus, EvalResult, Mode
 RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
 
 
-def _synthetic(dataset: EncodedDataset) -> dict:
-    """The synthetic generator's record in ``dataset.json`` ({} for real data)."""
-    synth = getattr(dataset, "meta", {}).get("synthetic")
-    return synth if isinstance(synth, dict) else {}
-
-
 def corpus_kind(dataset: EncodedDataset) -> Corpus:
     """``long-memory`` / ``control`` / ``kv`` / ``kv-control`` for a synthetic corpus, else ``real``."""
-    if (synth := _synthetic(dataset)).get("task") == "kv":  # the key -> value ladder and its control
+    if (synth := dataset.meta.get("synthetic", {})).get("task") == "kv":  # the key -> value ladder and its control
         return "kv-control" if synth.get("control") else "kv"
     if synth:
         return "control" if synth.get("control") or synth.get("kind") == "control" else "long-memory"
@@ -66,8 +60,8 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     model.eval()
     files = dataset.files[:max_files] if max_files else dataset.files
     # The stream needs only ``files``, ``load`` and ``layout``: the first ``max_files`` files.
-    stream = ChunkStream(SimpleNamespace(files=files, load=dataset.load, layout=getattr(dataset, "layout", None)),
-                         lanes, chunk_frames, shuffle=False, epochs=1)
+    stream = ChunkStream(SimpleNamespace(files=files, load=dataset.load, layout=dataset.layout), lanes, chunk_frames,
+                         shuffle=False, epochs=1)
     device = next(model.parameters()).device
     acc: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))  # (file, chunk) -> sums
     drift: dict[tuple[str, int], float] = {}
@@ -122,11 +116,11 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
     # The recall targets' chance level: a uniform guess per alphabet, token-weighted (synthetic corpora).
     text_n = sum(a["recall_text_n"] for a in acc.values())
     audio_n = sum(a["recall_n"] for a in acc.values()) - text_n
-    nats = _synthetic(dataset).get("chance_nats")
+    nats = dataset.meta.get("synthetic", {}).get("chance_nats")
     frames = {f.file_id: f.num_frames for f in files}
     return EvalResult.from_json({  # validated where it is made, not when the report reads it
         "arm": arm, "train_mode": train_mode or mode, "eval_mode": mode, "seed": seed, "checkpoint": checkpoint,
-        "data": data or str(getattr(dataset, "root", "unknown")), "corpus": corpus or corpus_kind(dataset),
+        "data": data or str(dataset.root), "corpus": corpus or corpus_kind(dataset),
         "chunk_frames": chunk_frames, "context": int(model.transformer.layers[0].self_attn.context),
         "files": [{"file_id": fid, "num_frames": frames[fid], "chunks": chunks} for fid, chunks in by_file.items()],
         "recall_chance_nats": (text_n * float(nats["text"]) + audio_n * float(nats["audio"])) / (text_n + audio_n)
