@@ -32,8 +32,8 @@ from ..records import dump
 from ..train.config import ConfigError, TrainConfig, load_config
 from .evaluate import evaluate, periodic_evaluator
 from .ladder import analyse_ladder
+from .results import Corpus
 
-CorpusKind = Literal["kv", "kv-control", "long-memory", "control", "real"]
 Arm = Literal["A", "B", "C"]
 ARM_TRAIN_MODE = {"A": "reset", "B": "persistent", "C": "none"}
 
@@ -45,7 +45,7 @@ class CorpusSpec:
     encoded dataset folders); name: unique in the run (default: the kind); arms: default the experiment's;
     synth: overrides of ``LadderConfig`` / ``SynthConfig`` (model, chunk and span come from the training config)."""
 
-    kind: CorpusKind = "long-memory"
+    kind: Corpus = "long-memory"
     name: str | None = None
     arms: list[Arm] | None = None
     train: str | None = None
@@ -96,19 +96,16 @@ def _corpus_dirs(spec: CorpusSpec, root: Path, seed: int, base: TrainConfig) -> 
         raise ConfigError(f"corpora: a synthetic corpus ({spec.kind}) needs the tiny preset (its layout); "
                           "use kind: real for data encoded for other models")
     lm_kwargs, folder = tiny_lm_kwargs(**base.model.lm_overrides), root / "data" / spec.label
+    # The ladder is laid out for the training chunk and span; the motif corpus needs only the model.
+    make, write, span = (LadderConfig, write_ladder, {"chunk_frames": base.data.chunk_frames, "span_chunks":
+                         base.bptt_chunks}) if spec.kind.startswith("kv") else (SynthConfig, write_corpus, {})
     # Train, validation and held-out files come from different generator seeds.
     for split, n, s in [("train", spec.train_files, 1000), ("val", spec.val_files, 3000),
                         ("eval", spec.eval_files, 2000)]:
         if n and not (folder / f"{split}_seed{seed}" / "index.jsonl").is_file():
             over = {**spec.synth, "seed": s + seed, "num_files": n, "control": spec.kind.endswith("control")}
             try:
-                if spec.kind.startswith("kv"):
-                    write_ladder(LadderConfig.from_lm_kwargs(lm_kwargs, chunk_frames=base.data.chunk_frames,
-                                                             span_chunks=base.bptt_chunks, **over),
-                                 folder / f"{split}_seed{seed}", progress=False)
-                else:
-                    write_corpus(SynthConfig.from_lm_kwargs(lm_kwargs, **over), folder / f"{split}_seed{seed}",
-                                 progress=False)
+                write(make.from_lm_kwargs(lm_kwargs, **span, **over), folder / f"{split}_seed{seed}", progress=False)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"corpora ({spec.label}).synth: {e}") from e
     val = folder / f"val_seed{seed}" if spec.val_files else None
@@ -154,8 +151,7 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
     out, t0 = Path(cfg.out_dir), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(dump(cfg), indent=2))
-    base = copy.deepcopy(cfg.train)
-    base.progress = progress
+    base = dataclasses.replace(cfg.train, progress=progress)
     rank = cfg.lora_rank
     if "C" in cfg.arms and rank is None:
         rank, n_lora, n_ttt = matched_lora_rank(base)

@@ -16,7 +16,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from pydantic import ConfigDict, TypeAdapter
@@ -24,7 +24,7 @@ from pydantic import ConfigDict, TypeAdapter
 from ..runtime import run_facts
 from . import plots, stats
 from .ladder import DETECT_P, DETECT_REL, LadderResult
-from .results import EvalResult
+from .results import Corpus, EvalResult
 from .stats import Comparison, MeanCI
 
 Condition = tuple[str, str]
@@ -33,7 +33,6 @@ A_PERSISTENT, NO_TTT = ("reset", "persistent"), ("none", "none")
 CONVENTIONAL: dict[Condition, str] = {B_PERSISTENT: "B-persistent", B_RESET: "B-reset",  # also the display order
                                       A_PERSISTENT: "A-persistent", A_RESET: "A-reset", NO_TTT: "C"}
 METRICS = {"later_chunk_loss": "later-chunk loss (chunks >= 1)", "recall_loss": "recall-target loss"}
-CORPUS_ORDER = ("kv", "kv-control", "long-memory", "control", "real")
 HEADLINE, N_BOOT_PER_SEED = "ii", 2000
 CHANCE_MARGIN = 0.01  # learned recall: the whole 95% CI this far (relative) below chance
 AT_CHANCE_STATEMENT = ("no arm learned the recall targets (all at chance): this run cannot tell whether memory "
@@ -73,9 +72,8 @@ def chance_verdict(recall: Mapping[str, MeanCI], chance: float | None) -> str | 
     credibly below ``chance``: its 95% CI upper bound (its mean without a CI) more than CHANCE_MARGIN (relative)
     below; else None, also when chance is unknown. Comparisons of arms all at chance measure noise, not memory."""
     tops = [ci.high if ci.high is not None else ci.mean for ci in recall.values() if ci.mean is not None]
-    if chance is None or not tops or any(top < chance * (1 - CHANCE_MARGIN) for top in tops):
-        return None
-    return AT_CHANCE_STATEMENT
+    return None if chance is None or not tops or any(t < chance * (1 - CHANCE_MARGIN) for t in tops) else \
+        AT_CHANCE_STATEMENT
 
 
 # ---- analysis ---------------------------------------------------------------------------------
@@ -113,7 +111,7 @@ def _group(evals: Sequence[EvalResult]) -> dict[str, _Corpus]:
         if len(data := sorted({r.data for r in every})) > 1:
             c.notes.append(f"conditions were evaluated on different data paths: {data} (files are still matched "
                            "by file_id)")
-    rank = {n: i for i, n in enumerate(CORPUS_ORDER)}
+    rank = {n: i for i, n in enumerate(get_args(Corpus))}  # the known kinds first, in that order
     return {k: corpora[k] for k in sorted(corpora, key=lambda n: (rank.get(n, len(rank)), n))}
 
 

@@ -22,7 +22,7 @@ from ..errors import ConfigValueError
 from ..fileio import atomic_write_text
 
 Mode = Literal["persistent", "reset", "none"]
-Corpus = Literal["long-memory", "control", "kv", "kv-control", "real"]
+Corpus = Literal["kv", "kv-control", "long-memory", "control", "real"]  # also the report's order
 LOSS_DEFINITION = "per-token loss: cross-entropy in nats averaged over all text and audio tokens"
 Count = Annotated[int, Field(ge=0)]  # records.load validates in strict JSON mode: a JSON true is no integer
 Positive = Annotated[int, Field(ge=1)]
