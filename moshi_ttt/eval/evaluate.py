@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.dataset import EncodedDataset
+from ..data.ladder import RUNG_NAMES
 from ..data.report import DataError
 from ..data.stream import ChunkStream
 from ..errors import ConfigValueError
@@ -32,8 +33,6 @@ from ..model.chunked import ChunkedLM
 from ..runtime import PeriodicLog, is_terminal
 from ..train.config import TrainConfig
 from .results import LOSS_DEFINITION, Corpus, EvalResult, Mode
-
-RUNGS = (1, 2, 3)  # the ladder's measured rungs (moshi_ttt.data.ladder)
 
 
 def corpus_kind(dataset: EncodedDataset) -> Corpus:
@@ -83,7 +82,7 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             text = torch.zeros_like(mask)
             text[:, 0] = True
             rec = (out.target_labels[:, 0] > 0) & mask
-            sel = {"text": text, "audio": ~text, "recall": rec, **{f"rung{r}": rr == r for r in RUNGS}}
+            sel = {"text": text, "audio": ~text, "recall": rec, **{f"rung{r}": rr == r for r in RUNG_NAMES}}
             sums = {f"{k}_{q}": v for k, s in sel.items() for q, v in (("sum", loss * s), ("n", mask & s))}
             sums["recall_text_n"] = rec & text
             lane = {k: v.flatten(1).double().sum(1).tolist() for k, v in sums.items()}  # each: B floats
@@ -111,7 +110,7 @@ def evaluate(model, dataset: EncodedDataset, chunk_frames: int, lanes: int = 4, 
             "text_loss": mean(a, "text"), "audio_loss": mean(a, "audio"), "recall_tokens": int(a["recall_n"]),
             "recall_loss": mean(a, "recall"), "state_drift": drift.get((fid, ci)),
             # Ladder corpora only: per-rung recall loss (per-token mean) and token counts.
-            **{k: v for r in RUNGS if a[f"rung{r}_n"]
+            **{k: v for r in RUNG_NAMES if a[f"rung{r}_n"]
                for k, v in ((f"rung{r}_loss", mean(a, f"rung{r}")), (f"rung{r}_tokens", int(a[f"rung{r}_n"])))}})
     # The recall targets' chance level: a uniform guess per alphabet, token-weighted (synthetic corpora).
     text_n = sum(a["recall_text_n"] for a in acc.values())

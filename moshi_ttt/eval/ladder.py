@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..data.ladder import RUNG_NAMES
 from .results import EvalResult
 from .stats import Comparison, MeanCI, mean_ci, paired_comparison, pool_seeds
 
-RUNG_NAMES = {1: "within attention's reach", 2: "beyond the reach, same training span",
-              3: "beyond the reach, across spans"}
 SOLVED_FRACTION, DETECT_REL, DETECT_P, CONTROL_MAX_REL = 0.5, -0.5, 0.01, 0.02
 
 
@@ -89,7 +88,7 @@ def analyse_ladder(evals: Sequence[EvalResult], corpus: str, chance: float, cont
     for e in evals:
         conds.setdefault(e.label, []).append(e)
     rungs = []
-    for r in (1, 2, 3):
+    for r in RUNG_NAMES:
         per = {lab: pool_seeds(res, f"rung{r}_loss") for lab, res in conds.items()}  # files: the unit
         if per := {lab: v for lab, v in per.items() if any(x is not None for x in v.values())}:
             rungs.append(_rung(r, per, chance, control, n_boot))
