@@ -17,13 +17,10 @@ from .stats import MIN_REL_IMPROVEMENT, ChunkCurve, Comparison, MeanCI
 def _save(fig: Figure, path: str | Path, *axes: tuple[Any, str | None, str | None, str | None]) -> Path:
     """Per ``(ax, xlabel, ylabel, title)``: labels, a light grid and a legend when something is labelled; the PNG."""
     for ax, *labels in axes:
-        for label, setter in zip(labels, (ax.set_xlabel, ax.set_ylabel, ax.set_title)):
-            if label:
-                setter(label)
+        ax.set(**{k: v for k, v in zip(("xlabel", "ylabel", "title"), labels) if v})
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     return Path(path)
 
@@ -62,7 +59,7 @@ def plot_curves(curves: Mapping[str, ChunkCurve], path: str | Path, title: str, 
             x, color = np.asarray(c.chunk_index, float), f"C{list(curves).index(name) if name in curves else i}"
             ax.plot(x, c.mean, marker="o", markersize=3, label=name, color=color,
                     linestyle="-" if name.endswith("-persistent") else "--" if name.endswith("-reset") else ":")
-            lo, hi = (np.array([np.nan if v is None else v for v in b], float) for b in (c.low, c.high))
+            lo, hi = (np.array(b, float) for b in (c.low, c.high))  # a None bound: NaN, no band
             ax.fill_between(x, lo, hi, where=np.isfinite(lo), alpha=0.18, color=color, linewidth=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if differences:
@@ -78,8 +75,7 @@ def plot_means(groups: Sequence[str], means: Mapping[str, Sequence[MeanCI | None
     fig = Figure(figsize=(max(5.0, 1.5 * len(groups) + 0.6 * len(means) + 2), 4.5))
     ax = fig.add_subplot()
     for i, (label, cis) in enumerate(means.items()):
-        m, lo, hi = (np.array([np.nan if c is None or getattr(c, a) is None else getattr(c, a) for c in cis], float)
-                     for a in ("mean", "low", "high"))
+        m, lo, hi = (np.array([getattr(c, a) if c else None for c in cis], float) for a in ("mean", "low", "high"))
         ax.errorbar(np.arange(len(groups)) + (i - (len(means) - 1) / 2) * 0.8 / len(means), m, fmt="o", capsize=4,
                     yerr=np.nan_to_num([m - lo, hi - m]), color=f"C{i}",
                     label=f"{label} (n={', '.join(sorted({str(c.n) for c in cis if c}))})")
@@ -129,8 +125,7 @@ def plot_contrasts(comparisons: Mapping[str, Comparison], path: str | Path, titl
     seen = set()
     for y, c in zip(range(len(comparisons) - 1, -1, -1), comparisons.values()):
         color, meaning = colors.get(c.decision, ("tab:gray", "no decision (not significant, below threshold or mixed)"))
-        if c.rel_ci_low is not None and c.rel_ci_high is not None:
-            ax.plot([100 * c.rel_ci_low, 100 * c.rel_ci_high], [y, y], color=color, linewidth=2)
+        ax.plot(100 * np.array([c.rel_ci_low, c.rel_ci_high], float), [y, y], color=color, linewidth=2)  # None: none
         if c.rel_change is not None:
             ax.plot([100 * c.rel_change], [y], "o", color=color, label=None if meaning in seen else meaning)
             seen.add(meaning)

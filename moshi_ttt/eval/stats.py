@@ -233,7 +233,6 @@ class SeedSpread:
 
 
 def spread_across_seeds(values: Sequence[float] | Mapping[object, float]) -> SeedSpread:
-    if not (v := np.asarray(list(values.values() if isinstance(values, Mapping) else values), dtype=np.float64)).size:
-        raise ValueError("spread_across_seeds: no values")
+    v = np.asarray(list(values.values() if isinstance(values, Mapping) else values), dtype=np.float64)
     return SeedSpread(v.size, float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None,
                       float(v.min()), float(v.max()))
