@@ -130,10 +130,13 @@ def load_warning(threads: int | None = None) -> str | None:
 
 
 def machine_state() -> dict[str, Any]:
-    """Load, CPUs and torch threads now: recorded beside every benchmark figure."""
+    """Load, CPUs and torch threads now: recorded beside every benchmark figure. ``busy_cpus_now``
+    (CPUs busy over 0.3 s) makes an "idle" claim checkable where the 1-minute load average still
+    remembers a job that just ended."""
     import torch
 
-    return {"load_1min": load_average(), "cpus": cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"load_1min": load_average(), "busy_cpus_now": busy_cpus(), "cpus": cpu_count(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def git_commit(path: str | Path | None = None) -> str | None:

@@ -16,6 +16,8 @@ def test_bench_model_reports_wall_and_cpu_time_ratios_and_load():
         assert ratios[key] > 0, key
     table = format_table(res)
     assert "CPU time" in table and "load average" in table and "trainer's path (16-f chunks)" in table
+    if os.path.exists("/proc/stat"):  # the CPUs busy at start, beside the load average
+        assert res["machine"]["busy_cpus_now"] is not None and "busy now" in table
 
 
 def test_bench_model_times_the_trainers_path_in_alternation():

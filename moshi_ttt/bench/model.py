@@ -345,8 +345,9 @@ def format_table(res: dict[str, Any]) -> str:
     width = f", {w['num_heads']} heads x {w['head_dim']}" if w.get("head_dim") else ""
     m = res.get("machine", {})
     load = "unknown" if m.get("load_1min") is None else f"{m['load_1min']:.2f}"
-    rows = [f"moshi-ttt model benchmark on {res['device']}, machine load {load} on {m.get('cpus')} CPUs at start "
-            "(load at each figure in the JSON)",
+    busy = "" if m.get("busy_cpus_now") is None else f", {m['busy_cpus_now']:.1f} busy now"
+    rows = [f"moshi-ttt model benchmark on {res['device']}, machine load {load}{busy} on {m.get('cpus')} CPUs "
+            "at start (load at each figure in the JSON)",
             f"preset {res['preset']}, {res['dtype']}, T={res['seq_len']} frames, "
             f"TTT in layers {t['ttt_layers']}{width}",
             f"{'measure':52s}{'stock':>12s}{'moshi-ttt':>12s}{'ratio':>9s}"]
