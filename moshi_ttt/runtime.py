@@ -1,4 +1,4 @@
-"""Process-level facts and settings shared by every long command and benchmark: threads, load, run facts.
+"""Process-level facts and settings for every long command and benchmark: threads, subnormal flush, load, run facts.
 
 This module sits at the bottom of the dependency graph (standard library, torch imported lazily),
 so ``ttt``, ``model``, ``data``, ``train``, ``eval``, ``bench`` and the CLI can all use it.
