@@ -267,9 +267,11 @@ def test_dual_mini_batch_node_gradcheck(has_sums, closes):
 
 
 # ----------------------------------------------------------------------------- in-place streaming step
-def test_inplace_step_equals_token_form_bit_for_bit():
-    """``ttt_mlp_step_`` over a sequence (per-sample offsets, some samples not executing) gives
-    the token form's outputs and states exactly, in the same tensors (stable addresses)."""
+@pytest.mark.parametrize("start,p_skip", [([0, 2, 3], 0.3), ([1, 1, 1], 0.0)])
+def test_inplace_step_equals_token_form_bit_for_bit(start, p_skip):
+    """``ttt_mlp_step_`` over a sequence (per-sample offsets, some samples not executing; or every
+    sample at the same position, which the CPU step reads on the host) gives the token form's
+    outputs and states exactly, in the same tensors (stable addresses)."""
     from moshi_ttt.ttt.ops import ttt_mlp_step_
     from moshi_ttt.ttt.state import select_state
 
@@ -277,13 +279,13 @@ def test_inplace_step_equals_token_form_bit_for_bit():
     inputs, base = random_op_inputs(B=3, T=T, seed=9)
     tok = 1.0 / torch.arange(1, K + 1, dtype=torch.float64) + 0.05
     st = init_state(*base, batch_size=3)
-    st.pos.copy_(torch.tensor([0, 2, 3]))
+    st.pos.copy_(torch.tensor(start))
     ref = st.clone()
     ptrs = [t.data_ptr() for _, t in st.items()]
     g = torch.Generator().manual_seed(2)
     for t in range(T):
         one = {k: v[:, :, t:t + 1] if k in ("xq", "xk", "xv", "lr") else v for k, v in inputs.items()}
-        ex = torch.rand(3, generator=g) > 0.3
+        ex = torch.rand(3, generator=g) >= p_skip
         o_ref, new = ttt_mlp(**one, state=ref, mini_batch_size=K, token_idx=tok, impl="token")
         ref = select_state(ex, new, ref)
         o = ttt_mlp_step_(**one, state=st, mini_batch_size=K, token_idx=tok, exec_mask=ex)
