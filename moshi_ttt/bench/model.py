@@ -275,10 +275,12 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         for arm, tcfg in arms.items():
             torch.manual_seed(0)
             models[arm] = build_lm(lm_kwargs, tcfg, device=device, dtype=dtype)
-        torch.manual_seed(0)  # the trainer's path: stock with the chunk-capable cache (same init)
-        chunked = {"stock": build_lm(lm_kwargs, arms["stock"], device=device, dtype=dtype, chunkable=True),
-                   "ttt": models["ttt"]}
-        measured = bench_interleaved(models, cfg, T, device, chunked=None if cfg.skip_train else chunked)
+        chunked = None
+        if not cfg.skip_train:  # the trainer's path: stock with the chunk-capable cache (same init)
+            torch.manual_seed(0)
+            chunked = {"stock": build_lm(lm_kwargs, arms["stock"], device=device, dtype=dtype, chunkable=True),
+                       "ttt": models["ttt"]}
+        measured = bench_interleaved(models, cfg, T, device, chunked=chunked)
         for arm, model in models.items():
             results["arms"][arm] = {"ttt_layers": model.ttt_layers,
                                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **measured[arm]}
