@@ -284,7 +284,6 @@ def run(cfg: ModelBenchConfig) -> dict[str, Any]:
         for arm, model in models.items():
             results["arms"][arm] = {"ttt_layers": model.ttt_layers,
                                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, **measured[arm]}
-        results["load_1min_end"] = load_average()
         results["load_average_end"] = _load_average()
         results["ratios"] = _ratios(results["arms"])
         return results

@@ -25,6 +25,15 @@ def _reset_due(pos: torch.Tensor, reset_every: int, exec_mask: torch.Tensor | No
     return due if exec_mask is None else due & exec_mask.to(due.device)
 
 
+def _store_tail_(conv: torch.Tensor, tail: torch.Tensor, exec_mask: torch.Tensor | None) -> None:
+    """One-frame steps: the convolution's input tail ``conv`` [B, k-1, dim] becomes ``tail`` in place,
+    except for samples that do not execute (``exec_mask`` [B] False), which keep theirs exactly."""
+    if exec_mask is None:
+        conv.copy_(tail)
+    else:
+        conv.copy_(torch.where(exec_mask.view(-1, 1, 1).to(conv.device), tail, conv))
+
+
 @dataclasses.dataclass(frozen=True)
 class _StreamWeights:
     """``TTTMLP._stream_weights``: fused inference weights and the parameter versions they were built from."""
@@ -267,9 +276,8 @@ class TTTMLP(nn.Module):
             if reset_every is not None:  # a sample that does not execute keeps its state exactly
                 reset_state_(state, self.base_weights(), _reset_due(state.pos, reset_every, exec_mask))
             out = ttt_step_(xq, xk, xv, lr, ln_w, ln_b, state, K, tok, exec_mask=exec_mask, kernels=kern)
-            if new_tail is not None:  # the convolution's tail, in place too (exec mask honoured)
-                keep = exec_mask.view(-1, 1, 1).to(new_tail.device) if exec_mask is not None else None
-                old.conv.copy_(new_tail if keep is None else torch.where(keep, new_tail, old.conv))
+            if new_tail is not None:  # the convolution's tail, in place too
+                _store_tail_(old.conv, new_tail, exec_mask)
             return self.readout(out), old
 
         if reset_every is not None:
@@ -348,10 +356,8 @@ class TTTMLP(nn.Module):
             reset_state_(core, self.base_weights(), _reset_due(core.pos, reset_every, exec_mask))
         out = ttt_step_(qk[:, 0], qk[:, 1], xv, lr, self.ttt_norm_weight, self.ttt_norm_bias, core,
                         self.config.mini_batch_size, sw.token_idx, exec_mask=exec_mask, kernels=self.config.kernels)
-        if state.conv is not None:  # the convolution's tail, in place (exec mask honoured)
-            tail = u[:, 1:]
-            keep = exec_mask.view(-1, 1, 1) if exec_mask is not None else None
-            state.conv.copy_(tail if keep is None else torch.where(keep, tail, state.conv))
+        if state.conv is not None:  # the convolution's tail, in place
+            _store_tail_(state.conv, u[:, 1:], exec_mask)
         y = F.layer_norm(out.reshape(B, 1, E), (E,), self.post_norm.weight, self.post_norm.bias, self.post_norm.eps)
         return F.linear(y, sw.w_out)
 
